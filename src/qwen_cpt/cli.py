@@ -1,0 +1,159 @@
+"""The ``qwen-cpt`` command line: ``train``, ``tiny-model`` and ``demo``.
+
+Every ``CPTConfig`` field is a ``train`` flag (``--learning_rate 3e-5`` or ``--learning-rate 3e-5``),
+generated from the dataclass, with the field's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from typing import Any
+
+from .config import ConfigError, CPTConfig, _type_name, field_help, field_types
+
+log = logging.getLogger("qwen_cpt")
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _converter(hint: Any):
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(hint) is list or typing.get_origin(base) is list:
+        return str, "+"
+    conv = {bool: _parse_bool, int: int, float: float}.get(base, str)
+
+    def parse(s: str):
+        if optional and s.strip().lower() in ("none", "null"):
+            return None
+        return conv(s)
+
+    parse.__name__ = _type_name(hint)
+    return parse, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    helps, types = field_help(), field_types()
+    defaults = {f.name: f for f in dataclasses.fields(CPTConfig)}
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    for name, hint in types.items():
+        conv, nargs = _converter(hint)
+        f = defaults[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        group.add_argument(
+            *flags,
+            dest=name,
+            type=conv,
+            nargs=nargs,
+            default=argparse.SUPPRESS,
+            metavar=_type_name(hint).upper().replace(" ", "_"),
+            help=f"{helps[name]} [default: {default!r}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-cpt",
+        description="Efficient continued pretraining of Qwen2.5 and other Hugging Face causal LMs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a YAML config, with optional field overrides")
+    p.add_argument("config", nargs="?", help="YAML file of CPTConfig fields")
+    add_config_flags(p)
+
+    p = sub.add_parser(
+        "tiny-model", help="write a tiny random Qwen2.5-shaped model + real tokenizer"
+    )
+    p.add_argument("directory")
+    p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=176)
+    p.add_argument("--vocab-size", type=int, default=151936)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "demo", help="the main job, offline on CPU: CPT of a tiny model on Python's stdlib"
+    )
+    p.add_argument("--output-dir", default="./demo_output")
+    p.add_argument("--max-steps", type=int, default=60)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .trainer import setup_logging
+
+    setup_logging()
+    try:
+        return _run(args)
+    except (ConfigError, FileNotFoundError, PermissionError) as exc:
+        print(f"qwen-cpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qwen-cpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from . import DataError, ModelLoadError, TrainingError
+
+        if isinstance(exc, (DataError, ModelLoadError, TrainingError)):
+            print(f"qwen-cpt: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        names = set(field_types())
+        overrides = {k: v for k, v in vars(args).items() if k in names}
+        if args.config:
+            cfg = CPTConfig.from_yaml(args.config, overrides)
+        else:
+            cfg = CPTConfig.from_dict(overrides, source="command-line flags")
+        from .trainer import CPTTrainer
+
+        loss = CPTTrainer(cfg).train()
+        print(f"final average training loss: {loss:.4f}")
+        return 0
+    if args.command == "tiny-model":
+        from .model import make_tiny_model
+
+        path = make_tiny_model(
+            args.directory,
+            arch=args.arch,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads,
+            intermediate_size=args.intermediate_size,
+            vocab_size=args.vocab_size,
+            seed=args.seed,
+        )
+        print(f"wrote a tiny {args.arch} model and the Qwen2.5 tokenizer to {path}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        result = run_demo(args.output_dir, args.max_steps)
+        return 0 if result["improved"] else 1
+    raise AssertionError(args.command)

@@ -1,0 +1,323 @@
+"""``CPTConfig``: every knob of a continued-pretraining run, with the product spec's field names.
+
+The field names are a contract: users copy them from the spec's Chinese usage guide
+(``use_muon_optimizer``, ``use_flash_attention``, ``gradient_accumulation_steps`` ...), so they are
+never renamed. Each field carries its help text in ``metadata["help"]``; the CLI and the docs read
+it from there, so the description lives in one place.
+
+Validation lives in :meth:`CPTConfig.validate` and reports *every* invalid field at once, before
+any model is loaded or any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULERS = ("cosine", "constant", "wsd")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """One or more invalid config values. ``errors`` lists every problem found."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = list(errors)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"invalid configuration{where} ({len(self.errors)} problem(s)):\n{lines}")
+
+
+@dataclass
+class CPTConfig:
+    """Configuration of a continued-pretraining run.
+
+    Invariants after :meth:`validate`: positive sizes and rates, a known scheduler, and
+    ``max_steps > 0`` overriding ``num_train_epochs``. Runtime objects (tokenizer, model, device
+    mesh) are never stored here, so a config is always serializable to YAML.
+    """
+
+    # --- model ---------------------------------------------------------------------------------
+    model_name_or_path: str = _f(
+        "", "Local model directory or Hugging Face hub id (e.g. Qwen/Qwen2.5-7B). Required."
+    )
+    tokenizer_name_or_path: str | None = _f(
+        None, "Tokenizer directory or hub id; defaults to model_name_or_path."
+    )
+    trust_remote_code: bool = _f(
+        False, "Allow model code from the model repo to run. Off unless you trust the source."
+    )
+
+    # --- data ------------------------------------------------------------------------------------
+    train_files: list[str] = _f(
+        [], "Training data: .txt files (one document per file) and .jsonl files (one per line)."
+    )
+    eval_files: list[str] = _f([], "Held-out data for eval loss/perplexity, same formats.")
+    eval_texts: list[str] = _f([], "Held-out texts given inline (added to eval_files).")
+    text_field: str = _f("text", "Field holding the document text in .jsonl records.")
+    max_length: int = _f(2048, "Tokens per packed training block (sequence length).")
+    max_samples: int | None = _f(None, "Use at most this many training documents (None: all).")
+    document_aware_packing: bool = _f(
+        True,
+        "Restart position_ids at each document inside a packed block, so no token attends "
+        "across a document boundary (block-causal mask on SDPA, varlen on flash-attn).",
+    )
+    dataloader_num_workers: int = _f(
+        0, "Worker processes that tokenize input in parallel (0: tokenize in this process)."
+    )
+
+    # --- optimization ----------------------------------------------------------------------------
+    learning_rate: float = _f(5e-5, "Peak learning rate (AdamW-style; Muon's is matched to it).")
+    num_train_epochs: float = _f(3, "Passes over the training data; ignored when max_steps > 0.")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    per_device_train_batch_size: int = _f(2, "Packed blocks per micro-batch on each device.")
+    per_device_eval_batch_size: int = _f(4, "Packed blocks per eval batch on each device.")
+    gradient_accumulation_steps: int = _f(
+        1, "Micro-batches per optimizer step; micro-batches are weighted by their token counts."
+    )
+    warmup_ratio: float = _f(0.03, "Fraction of steps of linear warmup (re-warming for CPT).")
+    lr_scheduler_type: str = _f("cosine", "Schedule after warmup: cosine, constant or wsd.")
+    min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak (cosine and wsd).")
+    wsd_decay_ratio: float = _f(0.1, "wsd only: fraction of steps spent in the final decay.")
+    weight_decay: float = _f(0.1, "Decoupled weight decay on matrices and embeddings.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    use_muon_optimizer: bool = _f(
+        False,
+        "Muon (torch.optim.Muon) for 2-D hidden matrices, AdamW for embeddings, head, norms and "
+        "biases. Off by default: for CPT of an AdamW-trained model, Moonlight found it on par.",
+    )
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
+    seed: int = _f(42, "Random seed for weights init of new layers, data order and dropout.")
+
+    # --- efficiency ------------------------------------------------------------------------------
+    use_flash_attention: bool = _f(
+        True, "flash_attention_2 when CUDA and flash-attn are present; otherwise PyTorch SDPA."
+    )
+    use_gradient_checkpointing: bool = _f(
+        True, "Recompute activations in backward: much less memory, about 30% more compute."
+    )
+    use_bf16: bool = _f(
+        True, "bf16 autocast (fp32 master weights) where the device supports it, else fp32."
+    )
+    use_fused_loss: bool = _f(
+        True,
+        "Compute the LM head and cross-entropy chunk by chunk, never holding the full "
+        "[tokens x vocab] logits. Exact; off means the plain HF loss.",
+    )
+    loss_chunk_size: int = _f(1024, "Tokens per chunk of the fused/chunked loss.")
+
+    # --- logging, eval, saving -------------------------------------------------------------------
+    output_dir: str = _f("./cpt_output", "Where checkpoints, final/, best/ and metrics go.")
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
+    eval_steps: int = _f(500, "Evaluate every N optimizer steps (also at step 0 and at the end).")
+    save_steps: int = _f(500, "Write checkpoint-<step>/ every N optimizer steps (0: only epochs).")
+    save_total_limit: int | None = _f(
+        3, "Keep at most N checkpoint-<step>/ folders (None: keep all). best/ is never deleted."
+    )
+    logging_dir: str | None = _f(None, "TensorBoard log dir; defaults to <output_dir>/logs.")
+    use_tensorboard: bool = _f(True, "Write TensorBoard scalars under logging_dir.")
+    wandb_project: str | None = _f(None, "Log to this Weights & Biases project when set.")
+    wandb_run_name: str | None = _f(None, "W&B run name (default: generated).")
+    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -------------------------------------------------------------------------------------------
+    def validate(self) -> CPTConfig:
+        """Check every field; raise one :class:`ConfigError` listing all problems."""
+        errors: list[str] = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                errors.append(msg)
+
+        errors.extend(_type_errors(self))
+        if errors:  # range checks on wrong types would only add noise
+            raise ConfigError(errors)
+        need(bool(self.model_name_or_path), "model_name_or_path: required (a directory or hub id)")
+        need(self.max_length > 1, f"max_length: must be > 1, got {self.max_length}")
+        need(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            f"learning_rate: must be > 0, got {self.learning_rate}",
+        )
+        need(
+            self.num_train_epochs > 0 or self.max_steps > 0,
+            f"num_train_epochs: must be > 0 when max_steps <= 0, got {self.num_train_epochs}",
+        )
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "loss_chunk_size",
+        ):
+            v = getattr(self, name)
+            need(v >= 1, f"{name}: must be >= 1, got {v}")
+        need(self.save_steps >= 0, f"save_steps: must be >= 0, got {self.save_steps}")
+        need(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            f"save_total_limit: must be >= 1 or None, got {self.save_total_limit}",
+        )
+        need(
+            self.max_samples is None or self.max_samples >= 1,
+            f"max_samples: must be >= 1 or None, got {self.max_samples}",
+        )
+        need(
+            self.dataloader_num_workers >= 0,
+            f"dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}",
+        )
+        for name in ("warmup_ratio", "min_lr_ratio", "wsd_decay_ratio"):
+            v = getattr(self, name)
+            need(0.0 <= v <= 1.0, f"{name}: must be in [0, 1], got {v}")
+        need(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum"):
+            v = getattr(self, name)
+            need(0.0 <= v < 1.0, f"{name}: must be in [0, 1), got {v}")
+        need(self.adam_epsilon > 0, f"adam_epsilon: must be > 0, got {self.adam_epsilon}")
+        need(
+            self.lr_scheduler_type in SCHEDULERS,
+            f"lr_scheduler_type: must be one of {', '.join(SCHEDULERS)}, "
+            f"got {self.lr_scheduler_type!r}",
+        )
+        need(bool(self.output_dir), "output_dir: must not be empty")
+        need(bool(self.text_field), "text_field: must not be empty")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        if errors:
+            raise ConfigError(errors)
+        return self
+
+    # --- (de)serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> CPTConfig:
+        """Build from a mapping; unknown keys are an error (never silently dropped)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [f"expected a mapping of field: value, got {type(data).__name__}"], source
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        errors = []
+        for key in unknown:
+            hint = _closest(key, known)
+            errors.append(f"{key}: unknown field" + (f" (did you mean {hint}?)" if hint else ""))
+        if errors:
+            raise ConfigError(errors, source)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(exc.errors, source) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> CPTConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [f"expected a mapping at top level, got {type(data).__name__}"], str(path)
+            )
+        data.update(overrides or {})
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(
+            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+
+    # --- derived values ------------------------------------------------------------------------
+    @property
+    def resolved_logging_dir(self) -> str:
+        return self.logging_dir or str(Path(self.output_dir) / "logs")
+
+
+def field_help() -> dict[str, str]:
+    """``{field name: help text}`` for every config field, in declaration order."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(CPTConfig)}
+
+
+def field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(CPTConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(CPTConfig)}
+
+
+def _type_errors(cfg: CPTConfig) -> list[str]:
+    """Check each value against its annotation (YAML and CLI input arrive untyped)."""
+    errors = []
+    for name, hint in field_types().items():
+        value = getattr(cfg, name)
+        allowed = (
+            typing.get_args(hint)
+            if typing.get_origin(hint) in (typing.Union, _UnionType)
+            else (hint,)
+        )
+        ok = False
+        for t in allowed:
+            if t is type(None):
+                ok = ok or value is None
+            elif t is float:
+                ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                if ok and isinstance(value, int):
+                    setattr(cfg, name, float(value))
+            elif t is int:
+                ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+            elif typing.get_origin(t) is list:
+                ok = ok or (
+                    isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                )
+                if ok and isinstance(value, tuple):
+                    setattr(cfg, name, list(value))
+            else:
+                ok = ok or isinstance(value, t)
+        if not ok:
+            errors.append(f"{name}: expected {_type_name(hint)}, got {value!r}")
+    return errors
+
+
+try:  # Python >= 3.10: `X | None` annotations are types.UnionType
+    from types import UnionType as _UnionType
+except ImportError:  # pragma: no cover
+    _UnionType = typing.Union  # type: ignore[misc,assignment]
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, _UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return "list of strings"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _closest(name: str, candidates: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None

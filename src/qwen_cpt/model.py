@@ -1,0 +1,216 @@
+"""Loading models and tokenizers, choosing device, precision and attention, and the tiny model.
+
+Everything here goes through transformers' Auto classes, so any HF causal LM works; Qwen2.5 is
+the case we tune for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import QWEN25_EMBEDDING_ROWS, save_qwen25_tokenizer
+
+log = logging.getLogger("qwen_cpt")
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Decisions made once at start-up from the config and the machine."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: run in fp32
+    attn_implementation: str
+
+    @property
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(device: str, use_bf16: bool, use_flash_attention: bool) -> Runtime:
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device: {device!r} was asked for, but CUDA is not available")
+
+    dtype = None
+    if use_bf16:
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log.warning("precision: fp32 (use_bf16: this GPU has no bf16 support)")
+        elif dev.type == "cpu" and not cpu_has_native_bf16():
+            # Without AMX/AVX512-BF16, bf16 matmuls are emulated: measured 3x slower than fp32
+            # on an AVX-512 CPU (BENCHMARKS.md), so bf16 would only cost time.
+            log.info("precision: fp32 (use_bf16: this CPU has no native bf16 matmul)")
+        else:
+            dtype = torch.bfloat16
+            log.info("precision: bf16 autocast, fp32 master weights")
+
+    attn = "sdpa"
+    if use_flash_attention:
+        if dev.type != "cuda":
+            log.info("attention: sdpa (flash_attention_2 needs CUDA; using PyTorch SDPA)")
+        elif importlib.util.find_spec("flash_attn") is None:
+            log.info("attention: sdpa (flash-attn is not installed: pip install qwen-cpt[gpu])")
+        else:
+            attn = "flash_attention_2"
+            log.info("attention: flash_attention_2")
+    else:
+        log.info("attention: sdpa")
+    return Runtime(device=dev, autocast_dtype=dtype, attn_implementation=attn)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def _check_source(path: str, what: str) -> None:
+    """Fail early, naming the path, when ``path`` is neither a directory nor a hub id."""
+    if Path(path).expanduser().is_dir():
+        return
+    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path) or Path(path).exists():
+        raise ModelLoadError(
+            f"{what}: {path!r} is not a directory (expected a local model folder with config.json, "
+            "or a hub id such as Qwen/Qwen2.5-7B)"
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_source(path, "tokenizer_name_or_path")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+    if tok.eos_token_id is None:
+        raise ModelLoadError(
+            f"tokenizer at {path!r} has no eos token; packing needs one between documents"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, runtime: Runtime, trust_remote_code: bool = False):
+    """Load a causal LM in fp32 master weights on ``runtime.device``."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path, "model_name_or_path")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float32,
+            attn_implementation=runtime.attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc
+    model.config.use_cache = False  # packing needs it off (REFERENCE.md); training never caches
+    return model.to(runtime.device)
+
+
+def check_vocab(tokenizer, model, model_path: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"tokenizer has {len(tokenizer)} ids but the model at {model_path!r} has only "
+            f"{rows} embedding rows; use the tokenizer that belongs to this model"
+        )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; tied weights are counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    emb = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        emb.add(id(out.weight))
+    emb_params = sum(p.numel() for p in model.parameters() if id(p) in emb)
+    # parameters() yields a tied weight once, so emb_params counts it once too
+    return total, total - emb_params
+
+
+# --- the offline tiny model -----------------------------------------------------------------------
+
+
+def make_tiny_model(
+    directory: str | Path,
+    *,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 176,
+    vocab_size: int = QWEN25_EMBEDDING_ROWS,
+    max_position_embeddings: int = 32768,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised HF model with Qwen2.5's layout plus the real Qwen2.5 tokenizer.
+
+    ``arch="qwen2"`` gives GQA, q/k/v biases, tied embeddings, rope_theta 1e6, RMSNorm eps 1e-6
+    and 151936 embedding rows, like Qwen2.5-0.5B at a fraction of the width. ``arch="llama"``
+    gives the same sizes as a Llama (no biases, untied head), to exercise other HF causal LMs.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
+            f"and num_heads by num_kv_heads ({num_kv_heads})"
+        )
+    common = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=151643,
+        pad_token_id=151643,
+        use_cache=False,
+    )
+    if arch == "qwen2":
+        config = Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, **common)
+    elif arch == "llama":
+        config = LlamaConfig(tie_word_embeddings=False, rope_theta=1e6, **common)
+    else:
+        raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    save_qwen25_tokenizer(directory)
+    return directory

@@ -1,0 +1,133 @@
+"""Optimizers: AdamW, or Muon for hidden matrices plus AdamW for the rest.
+
+Muon orthogonalizes each 2-D update with Newton-Schulz. It is meant for the hidden weight
+matrices only: embeddings and the LM head are lookup/readout tables whose rows should move
+independently, and 1-D parameters (norm gains, biases) have no matrix to orthogonalize
+(Keller Jordan's Muon notes; Moonlight, arXiv 2502.16982). Those go to AdamW.
+
+``adjust_lr_fn="match_rms_adamw"`` scales Muon's update to AdamW's RMS (0.2 * sqrt(max(A, B))),
+so the AdamW-style learning rates of the spec (3e-5 .. 5e-5) and its weight decay carry over.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("qwen_cpt")
+
+
+class OptimizerSetupError(RuntimeError):
+    pass
+
+
+@dataclass
+class ParamSplit:
+    muon: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    adamw_decay: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    adamw_no_decay: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+
+    @staticmethod
+    def count(named) -> int:
+        return sum(p.numel() for _, p in named)
+
+
+def split_parameters(model, use_muon: bool) -> ParamSplit:
+    """Route each trainable parameter (tied weights once) to its optimizer group."""
+    table_ids = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        table_ids.add(id(head.weight))
+    split = ParamSplit()
+    for name, p in model.named_parameters():  # yields a tied parameter once
+        if not p.requires_grad:
+            continue
+        if use_muon and p.ndim == 2 and id(p) not in table_ids:
+            split.muon.append((name, p))
+        elif p.ndim >= 2:
+            split.adamw_decay.append((name, p))
+        else:
+            split.adamw_no_decay.append((name, p))
+    if use_muon and not split.muon:
+        raise OptimizerSetupError(
+            "use_muon_optimizer=True, but no parameter qualifies for Muon (2-D hidden matrices); "
+            "is the model frozen or are its weights flattened?"
+        )
+    return split
+
+
+class Optimizers:
+    """One or two torch optimizers driven as one: step, zero_grad and state_dict together."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], split: ParamSplit):
+        self.optimizers = optimizers
+        self.split = split
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.optimizers) ^ set(state)
+        if missing:
+            raise ValueError(
+                f"optimizer state holds {sorted(state)}, this run uses {sorted(self.optimizers)}"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+    def summary(self) -> dict[str, int]:
+        s = self.split
+        return {
+            "muon_params": s.count(s.muon),
+            "adamw_params": s.count(s.adamw_decay) + s.count(s.adamw_no_decay),
+        }
+
+
+def build_optimizers(model, cfg) -> Optimizers:
+    split = split_parameters(model, cfg.use_muon_optimizer)
+    adamw_groups = [
+        {"params": [p for _, p in split.adamw_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in split.adamw_no_decay], "weight_decay": 0.0},
+    ]
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    opts: dict[str, torch.optim.Optimizer] = {}
+    if split.muon:
+        opts["muon"] = torch.optim.Muon(
+            [p for _, p in split.muon],
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+            nesterov=True,
+            adjust_lr_fn="match_rms_adamw",
+        )
+    if adamw_groups:
+        opts["adamw"] = torch.optim.AdamW(
+            adamw_groups,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            fused=None,
+        )
+    optimizers = Optimizers(opts, split)
+    counts = optimizers.summary()
+    if split.muon:
+        log.info(
+            "optimizer: Muon holds %s parameters in %d matrices; AdamW holds %s "
+            "(embeddings, head, norms, biases)",
+            f"{counts['muon_params']:,}",
+            len(split.muon),
+            f"{counts['adamw_params']:,}",
+        )
+    else:
+        log.info("optimizer: AdamW holds all %s parameters", f"{counts['adamw_params']:,}")
+    return optimizers
