@@ -1,4 +1,4 @@
-"""The ``qwen-cpt`` command line: ``train``, ``tiny-model`` and ``demo``.
+"""The ``qwen-cpt`` command line: ``train``, ``tiny-model``, ``demo`` and ``report``.
 
 Every ``CPTConfig`` field is a ``train`` flag (``--learning_rate 3e-5`` or ``--learning-rate 3e-5``),
 generated from the dataclass, with the field's help text.
@@ -30,7 +30,13 @@ def _parse_bool(s: str) -> bool:
 def _converter(hint: Any):
     args = typing.get_args(hint)
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    literals = {
+        v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)
+    }
+    base = next(
+        (a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal),
+        hint,
+    )
     if typing.get_origin(hint) is list or typing.get_origin(base) is list:
         return str, "+"
     conv = {bool: _parse_bool, int: int, float: float}.get(base, str)
@@ -38,6 +44,8 @@ def _converter(hint: Any):
     def parse(s: str):
         if optional and s.strip().lower() in ("none", "null"):
             return None
+        if s.strip().lower() in literals:  # e.g. --learning_rate auto
+            return s.strip().lower()
         return conv(s)
 
     parse.__name__ = _type_name(hint)
@@ -60,7 +68,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             nargs=nargs,
             default=argparse.SUPPRESS,
             metavar=_type_name(hint).upper().replace(" ", "_"),
-            help=f"{helps[name]} [default: {default!r}]",
+            help=f"{helps[name]} [default: {default!r}]".replace("%", "%%"),
         )
 
 
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config, with optional field overrides")
     p.add_argument("config", nargs="?", help="YAML file of CPTConfig fields")
     add_config_flags(p)
+
+    from .planner import add_plan_parser
+
+    add_plan_parser(sub)
 
     p = sub.add_parser(
         "tiny-model", help="write a tiny random Qwen2.5-shaped model + real tokenizer"
@@ -93,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", default="./demo_output")
     p.add_argument("--max-steps", type=int, default=60)
+
+    p = sub.add_parser(
+        "report", help="write report.html (charts, forgetting table, config) for runs to compare"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run")
+    p.add_argument(
+        "--out", default=None, help="report .html file or directory [default: first RUN_DIR]"
+    )
     return parser
 
 
@@ -115,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from . import DataError, ModelLoadError, TrainingError
+        from .checkpoint import CheckpointError
+        from .trainer import TrainingInterrupted
 
-        if isinstance(exc, (DataError, ModelLoadError, TrainingError)):
+        if isinstance(exc, TrainingInterrupted):  # documented: 128 + signal (143 for SIGTERM)
+            print(f"qwen-cpt: {exc}", file=sys.stderr)
+            return 128 + exc.signum
+        if isinstance(exc, (DataError, ModelLoadError, TrainingError, CheckpointError)):
             print(f"qwen-cpt: error: {exc}", file=sys.stderr)
             return 1
         raise
@@ -135,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
         loss = CPTTrainer(cfg).train()
         print(f"final average training loss: {loss:.4f}")
         return 0
+    if args.command == "plan":
+        from .planner import run_plan
+
+        return run_plan(args)
     if args.command == "tiny-model":
         from .model import make_tiny_model
 
@@ -156,4 +185,8 @@ def _run(args: argparse.Namespace) -> int:
 
         result = run_demo(args.output_dir, args.max_steps)
         return 0 if result["improved"] else 1
+    if args.command == "report":
+        from .report import report_command
+
+        return report_command(args.run_dirs, args.out)
     raise AssertionError(args.command)

@@ -16,11 +16,13 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 SCHEDULERS = ("cosine", "constant", "wsd")
+NAN_POLICIES = ("abort", "skip")
+AUTO = "auto"  # learning_rate and the batch fields may be "auto": see qwen_cpt.planner
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -78,13 +80,23 @@ class CPTConfig:
     )
 
     # --- optimization ----------------------------------------------------------------------------
-    learning_rate: float = _f(5e-5, "Peak learning rate (AdamW-style; Muon's is matched to it).")
+    learning_rate: float | Literal["auto"] = _f(
+        5e-5,
+        "Peak learning rate (AdamW-style; Muon's is matched to it). auto: the planner's CPT rule, "
+        "5e-5*(N/7e9)^-0.25 capped by Step Law (qwen-cpt plan shows it).",
+    )
     num_train_epochs: float = _f(3, "Passes over the training data; ignored when max_steps > 0.")
     max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
-    per_device_train_batch_size: int = _f(2, "Packed blocks per micro-batch on each device.")
+    per_device_train_batch_size: int | Literal["auto"] = _f(
+        2,
+        "Packed blocks per micro-batch on each device. auto: the largest that fits in memory "
+        "for the Step Law global batch.",
+    )
     per_device_eval_batch_size: int = _f(4, "Packed blocks per eval batch on each device.")
-    gradient_accumulation_steps: int = _f(
-        1, "Micro-batches per optimizer step; micro-batches are weighted by their token counts."
+    gradient_accumulation_steps: int | Literal["auto"] = _f(
+        1,
+        "Micro-batches per optimizer step; micro-batches are weighted by their token counts. "
+        "auto: as many as the Step Law global batch (0.58*D^0.571 tokens) needs.",
     )
     warmup_ratio: float = _f(0.03, "Fraction of steps of linear warmup (re-warming for CPT).")
     lr_scheduler_type: str = _f("cosine", "Schedule after warmup: cosine, constant or wsd.")
@@ -102,6 +114,19 @@ class CPTConfig:
     )
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
     seed: int = _f(42, "Random seed for weights init of new layers, data order and dropout.")
+
+    # --- fault handling --------------------------------------------------------------------------
+    resume_from_checkpoint: str | None = _f(
+        None,
+        "auto: resume from the newest valid checkpoint in output_dir (or start fresh and say "
+        "so); a path: resume from that checkpoint folder; None: start fresh.",
+    )
+    nan_policy: str = _f(
+        "abort",
+        "On a non-finite loss or gradient norm: abort (stop before the optimizer step, exit "
+        "non-zero) or skip (drop that step's update, up to max_skipped_steps).",
+    )
+    max_skipped_steps: int = _f(10, "nan_policy=skip: abort after this many skipped steps.")
 
     # --- efficiency ------------------------------------------------------------------------------
     use_flash_attention: bool = _f(
@@ -152,8 +177,9 @@ class CPTConfig:
         need(bool(self.model_name_or_path), "model_name_or_path: required (a directory or hub id)")
         need(self.max_length > 1, f"max_length: must be > 1, got {self.max_length}")
         need(
-            self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            f"learning_rate: must be > 0, got {self.learning_rate}",
+            self.learning_rate == AUTO
+            or (self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+            f"learning_rate: must be > 0 or auto, got {self.learning_rate}",
         )
         need(
             self.num_train_epochs > 0 or self.max_steps > 0,
@@ -168,7 +194,7 @@ class CPTConfig:
             "loss_chunk_size",
         ):
             v = getattr(self, name)
-            need(v >= 1, f"{name}: must be >= 1, got {v}")
+            need(v == AUTO or v >= 1, f"{name}: must be >= 1, got {v}")
         need(self.save_steps >= 0, f"save_steps: must be >= 0, got {self.save_steps}")
         need(
             self.save_total_limit is None or self.save_total_limit >= 1,
@@ -196,6 +222,15 @@ class CPTConfig:
             f"lr_scheduler_type: must be one of {', '.join(SCHEDULERS)}, "
             f"got {self.lr_scheduler_type!r}",
         )
+        need(
+            self.nan_policy in NAN_POLICIES,
+            f"nan_policy: must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}",
+        )
+        need(
+            self.max_skipped_steps >= 0,
+            f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}",
+        )
+        need(self.resume_from_checkpoint != "", "resume_from_checkpoint: use None, not ''")
         need(bool(self.output_dir), "output_dir: must not be empty")
         need(bool(self.text_field), "text_field: must not be empty")
         need(
@@ -287,6 +322,8 @@ def _type_errors(cfg: CPTConfig) -> list[str]:
                     setattr(cfg, name, float(value))
             elif t is int:
                 ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+            elif typing.get_origin(t) is Literal:
+                ok = ok or (isinstance(value, str) and value in typing.get_args(t))
             elif typing.get_origin(t) is list:
                 ok = ok or (
                     isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
@@ -313,6 +350,8 @@ def _type_name(hint: Any) -> str:
         return "null"
     if typing.get_origin(hint) is list:
         return "list of strings"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(str(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", str(hint))
 
 

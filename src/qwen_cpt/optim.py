@@ -118,6 +118,9 @@ def build_optimizers(model, cfg) -> Optimizers:
             eps=cfg.adam_epsilon,
             fused=None,
         )
+    for opt in opts.values():  # the peak lr; the schedule scales it each step (as torch's do)
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
     optimizers = Optimizers(opts, split)
     counts = optimizers.summary()
     if split.muon:

@@ -1,8 +1,11 @@
 """Metric sinks behind one interface: the loop calls ``trackers.log(metrics, step)`` and never
-asks which ones are on. A sink that fails warns once and is switched off; it never kills a run.
+asks which ones are on. A sink that fails (to start, to log or to close) gives one warning and is
+switched off; it never kills a run, and ``metrics.jsonl`` keeps the full record either way.
 
-Metric names are flat (``loss``, ``lr``, ``eval_loss`` ...). TensorBoard and W&B get them under
-``train/...`` and ``eval/...``.
+Metric names are flat in ``metrics.jsonl`` (``loss``, ``lr``, ``eval_loss``, ``eval_loss/domain``
+...). TensorBoard and W&B get them namespaced by :func:`namespaced`: ``eval_<name>`` goes to
+``eval/<name>`` (so ``eval_loss/domain`` becomes ``eval/loss/domain``), everything else to
+``train/<name>``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,24 @@ log = logging.getLogger("qwen_cpt")
 
 
 def namespaced(key: str) -> str:
+    """The TensorBoard/W&B name of a flat metric name (idempotent)."""
+    if key.startswith(("train/", "eval/")):
+        return key
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_") :]
+    if key.startswith("train_"):
+        return "train/" + key[len("train_") :]
     return "train/" + key
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, int | float]:
+    """The real-number entries of ``metrics`` (bools, strings and None left out)."""
+    out: dict[str, int | float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            continue
+        out[k] = int(v) if isinstance(v, numbers.Integral) else float(v)
+    return out
 
 
 class Tracker:
@@ -35,7 +54,11 @@ class Tracker:
 
 
 class JsonlTracker(Tracker):
-    """``metrics.jsonl``: one JSON object per line, flushed at once (survives a crash)."""
+    """``metrics.jsonl``: one JSON object per line, flushed at once (survives a crash).
+
+    Non-finite floats are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` so every line
+    stays strict JSON.
+    """
 
     name = "metrics.jsonl"
 
@@ -53,17 +76,21 @@ class JsonlTracker(Tracker):
 
 
 class TensorBoardTracker(Tracker):
+    """TensorBoard scalars under ``train/...`` and ``eval/...``; the config as a text table."""
+
     name = "tensorboard"
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | Path, config: dict[str, Any] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(logdir))
+        if config:
+            rows = "\n".join(f"| {k} | `{v!r}` |" for k, v in config.items())
+            self.writer.add_text("config", "| field | value |\n|---|---|\n" + rows, 0)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(namespaced(k), v, step)
+        for k, v in scalars(metrics).items():
+            self.writer.add_scalar(namespaced(k), v, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -88,53 +115,96 @@ class WandbTracker(Tracker):
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        data = {namespaced(k): v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.run.log(data, step=step)
+        data = {namespaced(k): v for k, v in scalars(metrics).items()}
+        if data:
+            self.run.log(data, step=step)
 
     def close(self) -> None:
         self.run.finish()
 
 
 class Trackers(Tracker):
-    """A container of trackers that isolates each one's failures."""
+    """A container of trackers that isolates each one's failures.
+
+    The first exception a tracker raises in :meth:`log` is reported in one warning, the tracker
+    is closed (best effort) and dropped, and the others go on logging.
+    """
+
+    name = "trackers"
 
     def __init__(self, trackers: list[Tracker]):
         self.trackers = list(trackers)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.trackers]
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for t in list(self.trackers):
             try:
                 t.log(metrics, step)
             except Exception as exc:  # a sink must never kill training
-                log.warning("tracker %s failed and is switched off: %s", t.name, exc)
                 self.trackers.remove(t)
+                rest = ", ".join(self.names) or "none"
+                log.warning(
+                    "tracker %s failed at step %d and is switched off (%s: %s); training goes "
+                    "on, still logging to: %s",
+                    t.name,
+                    step,
+                    type(exc).__name__,
+                    exc,
+                    rest,
+                )
+                try:
+                    t.close()
+                except Exception:  # already reported; its close may fail for the same reason
+                    pass
 
     def close(self) -> None:
-        for t in self.trackers:
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
             try:
                 t.close()
             except Exception as exc:
-                log.warning("tracker %s failed to close: %s", t.name, exc)
+                log.warning("tracker %s failed to close (%s: %s)", t.name, type(exc).__name__, exc)
 
 
 def build_trackers(cfg, output_dir: Path) -> Trackers:
-    trackers: list[Tracker] = [JsonlTracker(output_dir / "metrics.jsonl")]
-    if cfg.use_tensorboard:
+    """``metrics.jsonl`` always, TensorBoard when ``cfg.use_tensorboard``, W&B when
+    ``cfg.wandb_project`` is set. A sink that cannot start is left out with one warning."""
+    output_dir = Path(output_dir)
+    config = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    trackers: list[Tracker] = []
+    try:
+        trackers.append(JsonlTracker(output_dir / "metrics.jsonl"))
+    except OSError as exc:
+        log.warning("metrics.jsonl logging is off: %s", exc)
+    if getattr(cfg, "use_tensorboard", False):
+        logdir = getattr(cfg, "resolved_logging_dir", None) or output_dir / "logs"
         try:
-            trackers.append(TensorBoardTracker(cfg.resolved_logging_dir))
-        except Exception as exc:
+            trackers.append(TensorBoardTracker(logdir, config))
+        except ImportError as exc:
             log.warning("TensorBoard logging is off: %s (pip install tensorboard)", exc)
-    if cfg.wandb_project:
+        except Exception as exc:
+            log.warning("TensorBoard logging is off (%s: %s)", type(exc).__name__, exc)
+    project = getattr(cfg, "wandb_project", None)
+    if project:
         try:
             trackers.append(
-                WandbTracker(cfg.wandb_project, cfg.wandb_run_name, output_dir, cfg.to_dict())
+                WandbTracker(project, getattr(cfg, "wandb_run_name", None), output_dir, config)
             )
         except ImportError:
             log.warning(
-                "wandb_project is set but wandb is not installed: pip install qwen-cpt[wandb]"
+                "wandb_project is set but wandb is not installed, so W&B logging is off: "
+                "pip install 'qwen-cpt[wandb]'"
             )
         except Exception as exc:
-            log.warning("Weights & Biases logging is off: %s", exc)
+            log.warning(
+                "Weights & Biases logging is off (%s: %s); set WANDB_MODE=offline to log "
+                "without an account and sync later",
+                type(exc).__name__,
+                exc,
+            )
     return Trackers(trackers)
 
 

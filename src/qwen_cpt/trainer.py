@@ -1,32 +1,48 @@
 """``CPTTrainer``: the single-device continued-pretraining loop.
 
 Order of work in :meth:`CPTTrainer.train`, chosen so that bad input costs nothing:
-config check -> data sources -> tokenizer -> tokenized data -> model -> output_dir. Any error
-before the last step leaves the disk untouched.
+config -> data sources -> resume checkpoint -> tokenizer -> tokenized data -> model ->
+output_dir. Any error before the last step leaves the disk untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import data as D
-from .checkpoint import remove_stale_tmp, rotate_checkpoints, save_model_dir
+from .checkpoint import (
+    CheckpointError,
+    jsonable_rng,
+    latest_valid_checkpoint,
+    load_training_state,
+    remove_stale_tmp,
+    rotate_checkpoints,
+    save_model_dir,
+    save_training_checkpoint,
+    verify,
+)
 from .config import CPTConfig
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
     Runtime,
     check_vocab,
     count_parameters,
+    enable_activation_checkpointing,
     load_model,
     load_tokenizer,
     resolve_runtime,
@@ -37,9 +53,48 @@ from .tracking import Trackers, build_trackers
 
 log = logging.getLogger("qwen_cpt")
 
+# Fields that must not change between a checkpoint and its resume: they fix the data order
+# and what a "step" is, so changing them would silently break the exact-resume promise.
+GEOMETRY_FIELDS = (
+    "max_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "document_aware_packing",
+    "seed",
+)
+ARCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a non-finite loss); nothing was stepped after it."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or SIGINT arrived: the step finished, a checkpoint was written, the run stopped.
+
+    The CLI exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
+            "resume with resume_from_checkpoint=auto"
+        )
+
+
+class ResumeError(TrainingError):
+    """The checkpoint cannot be resumed with this config; the message names both values."""
 
 
 @dataclass
@@ -49,7 +104,8 @@ class TrainState:
     tokens_seen: int = 0
     loss_sum: float = 0.0  # token-weighted sum of training loss over the run
     loss_tokens: int = 0
-    best_eval_loss: float = math.inf
+    best_eval_loss: float | None = None
+    skipped_steps: int = 0
 
     @property
     def avg_loss(self) -> float:
@@ -112,6 +168,7 @@ class CPTTrainer:
         self.model = None
         self.tokenizer = None
         self.state = TrainState()
+        self._stop_signal: int | None = None
         setup_logging()
 
     # ------------------------------------------------------------------------------------------
@@ -132,6 +189,7 @@ class CPTTrainer:
             )
         out = Path(cfg.output_dir)
         _check_writable(out)
+        resume_dir = self._find_resume_checkpoint(out)
 
         runtime = resolve_runtime(cfg.device, cfg.use_bf16, cfg.use_flash_attention)
         seed_everything(cfg.seed)
@@ -145,24 +203,31 @@ class CPTTrainer:
 
         self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
+        resumed = None
+        if resume_dir is not None:
+            resumed = self._check_resume(resume_dir, train_blocks)
+            self._load_weights(resume_dir)
         if cfg.use_gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(self.model)
         chunked = cfg.use_fused_loss and supports_chunked_loss(self.model)
         if cfg.use_fused_loss and not chunked:
             log.info(
                 "loss: plain HF logits (chunked loss supports %s)", self.model.config.model_type
             )
         optimizers = build_optimizers(self.model, cfg)
+        if resumed is not None:
+            self._restore(resumed, optimizers)
 
         # Only now, with every input checked, does anything touch the disk.
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out)
+        if resumed is not None:
+            _truncate_metrics(out / "metrics.jsonl", self.state.step)
         cfg.to_yaml(out / "config.yaml")
         trackers = build_trackers(cfg, out)
         try:
-            return self._loop(runtime, optimizers, trackers, train_blocks, eval_blocks, chunked)
+            with self._catch_stop_signals():
+                return self._loop(runtime, optimizers, trackers, train_blocks, eval_blocks, chunked)
         finally:
             trackers.close()
 
@@ -178,41 +243,18 @@ class CPTTrainer:
     ) -> float:
         cfg, model, st = self.config, self.model, self.state
         out = Path(cfg.output_dir)
-        bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        micro_per_epoch = math.ceil(len(train_blocks) / bs)
-        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        steps_per_epoch = math.ceil(
+            math.ceil(len(train_blocks) / cfg.per_device_train_batch_size)
+            / cfg.gradient_accumulation_steps
+        )
         total = (
             cfg.max_steps
             if cfg.max_steps > 0
             else math.ceil(steps_per_epoch * cfg.num_train_epochs)
         )
         warmup = warmup_steps_for(total, cfg.warmup_ratio)
-        total_params, non_emb = count_parameters(model)
-        log.info(
-            "model: %s (%s parameters, %s non-embedding) on %s, %s",
-            cfg.model_name_or_path,
-            f"{total_params:,}",
-            f"{non_emb:,}",
-            runtime.device,
-            f"autocast {runtime.autocast_dtype}".replace("torch.", "")
-            if runtime.autocast_dtype
-            else "fp32",
-        )
-        log.info(
-            "data: %d train blocks of %d tokens, %d eval blocks; %d steps (%d per epoch, "
-            "%d warmup), global batch %d x %d tokens",
-            len(train_blocks),
-            cfg.max_length,
-            len(eval_blocks),
-            total,
-            steps_per_epoch,
-            warmup,
-            bs * accum,
-            cfg.max_length,
-        )
-        peak_lrs = {
-            id(g): g["lr"] for opt in optimizers.optimizers.values() for g in opt.param_groups
-        }
+        self._log_setup(runtime, train_blocks, eval_blocks, total, steps_per_epoch, warmup)
+        self._data_fingerprint = _fingerprint(train_blocks)
 
         def evaluate() -> None:
             if not eval_blocks:
@@ -221,24 +263,27 @@ class CPTTrainer:
             metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
             log.info("eval step %d: loss %.4f, perplexity %.2f", st.step, loss, metrics["eval_ppl"])
             trackers.log(metrics, st.step)
-            if st.step > 0 and loss < st.best_eval_loss:
+            if st.step > 0 and (st.best_eval_loss is None or loss < st.best_eval_loss):
                 st.best_eval_loss = loss
-                save_model_dir(out / "best", model, self.tokenizer, cfg, self._state_dict())
+                save_model_dir(out / "best", model, self.tokenizer, cfg, asdict(st))
                 log.info("best: eval loss %.4f at step %d saved to %s", loss, st.step, out / "best")
+            model.train()
 
-        evaluate()
-        bar = _progress(total)
-        window_tokens, window_start = 0, time.perf_counter()
-        window_loss, window_loss_tokens = 0.0, 0
+        self._start_time = time.perf_counter()
+        if st.step == 0:
+            trackers.log(optimizers.summary(), 0)
+            evaluate()
+        bar = _progress(total, st.step)
+        window = _Window()
         model.train()
         for epoch, group, epoch_end in self._step_batches(train_blocks, total, steps_per_epoch):
-            # 1) set this step's learning rate
+            # 1) this step's learning rate: a pure function of the step (resume needs no state)
             mult = lr_multiplier(
                 st.step, total, warmup, cfg.lr_scheduler_type, cfg.min_lr_ratio, cfg.wsd_decay_ratio
             )
             for opt in optimizers.optimizers.values():
                 for g in opt.param_groups:
-                    g["lr"] = peak_lrs[id(g)] * mult
+                    g["lr"] = g["initial_lr"] * mult
             # 2) forward/backward every micro-batch, each weighted by its share of the step's
             #    tokens, so the loss does not depend on how the step is split (trl #2175)
             n_tokens = sum(D.count_loss_tokens(b) for b in group)
@@ -251,61 +296,62 @@ class CPTTrainer:
                     (loss_sum / max(1, n_tokens)).backward()
                 step_loss += loss_sum.item()
             step_loss /= max(1, n_tokens)
-            # 3) clip, check, step
+            # 3) clip, check, step: a non-finite value never reaches the weights
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             ).item()
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                raise TrainingError(
-                    f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} "
-                    f"at step {st.step + 1} (loss={step_loss}, grad_norm={grad_norm}); stopped "
-                    "before the optimizer step, so the last checkpoint is clean. Lower "
-                    "learning_rate or check the data."
-                )
-            optimizers.step()
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizers.step()
+            else:
+                self._handle_non_finite(step_loss, grad_norm)
             optimizers.zero_grad()
             st.step += 1
             st.epoch = epoch
-            st.tokens_seen += sum(int(b["input_ids"].numel()) for b in group)
-            st.loss_sum += step_loss * n_tokens
-            st.loss_tokens += n_tokens
-            window_loss += step_loss * n_tokens
-            window_loss_tokens += n_tokens
-            window_tokens += sum(int(b["input_ids"].numel()) for b in group)
+            step_tokens = sum(int(b["input_ids"].numel()) for b in group)
+            st.tokens_seen += step_tokens
+            if finite:
+                st.loss_sum += step_loss * n_tokens
+                st.loss_tokens += n_tokens
+                window.add(step_loss, n_tokens, step_tokens)
             bar.update(1)
-            # 4) log, evaluate, save
+            # 4) log, evaluate, save, and honour a stop signal at this step boundary
             if st.step % cfg.logging_steps == 0 or st.step == total:
-                elapsed = time.perf_counter() - window_start
                 metrics = {
                     "epoch": round(st.epoch, 4),
-                    "loss": window_loss / max(1, window_loss_tokens),
+                    "loss": window.loss,
                     "avg_loss": st.avg_loss,
-                    "lr": cfg.learning_rate * mult,
+                    "lr": cfg_lr(cfg) * mult,
                     "grad_norm": grad_norm,
-                    "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                    "tokens_per_sec": window.tokens_per_sec,
                     "tokens_seen": st.tokens_seen,
                     "memory_gb": memory_gb(runtime.device),
                 }
                 trackers.log(metrics, st.step)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    lr=f"{metrics['lr']:.2e}",
-                    tok_s=f"{metrics['tokens_per_sec']:.0f}",
-                )
                 _log_line(bar, st.step, total, metrics)
-                window_tokens, window_start = 0, time.perf_counter()
-                window_loss, window_loss_tokens = 0.0, 0
+                window = _Window()
             if st.step % cfg.eval_steps == 0 and st.step != total:
                 evaluate()
-                model.train()
             if (cfg.save_steps and st.step % cfg.save_steps == 0) or (
                 epoch_end and st.step != total
             ):
-                self._save_checkpoint(out)
+                self._save_checkpoint(out, optimizers)
+            if self._stop_signal is not None:
+                bar.close()
+                path = self._save_checkpoint(out, optimizers)
+                log.warning(
+                    "%s received: step %d finished and saved to %s; exiting",
+                    signal.Signals(self._stop_signal).name,
+                    st.step,
+                    path,
+                )
+                raise TrainingInterrupted(self._stop_signal, path)
         bar.close()
         evaluate()
-        self._save_checkpoint(out)
-        save_model_dir(out / "final", model, self.tokenizer, cfg, self._state_dict())
+        self._save_checkpoint(out, optimizers)
+        save_model_dir(out / "final", model, self.tokenizer, cfg, asdict(st))
+        trackers.log({"train_runtime_s": time.perf_counter() - self._start_time}, st.step)
+        _write_report(out)
         log.info(
             "done: %d steps, %s tokens, average loss %.4f; final model in %s",
             st.step,
@@ -315,7 +361,32 @@ class CPTTrainer:
         )
         return st.avg_loss
 
-    # ------------------------------------------------------------------------------------------
+    def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
+        st, cfg = self.state, self.config
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        where = f"step {st.step + 1}" + (
+            f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
+        )
+        if cfg.nan_policy == "skip" and st.skipped_steps < cfg.max_skipped_steps:
+            st.skipped_steps += 1
+            log.warning(
+                "non-finite %s at %s (loss=%s, grad_norm=%s): update skipped (%d of at most %d)",
+                what,
+                where,
+                loss,
+                grad_norm,
+                st.skipped_steps,
+                cfg.max_skipped_steps,
+            )
+            return
+        extra = f" after {st.skipped_steps} skipped steps" if cfg.nan_policy == "skip" else ""
+        raise TrainingError(
+            f"non-finite {what} at {where} (loss={loss}, grad_norm={grad_norm}){extra}; stopped "
+            "before the optimizer step, so the last checkpoint is clean. Lower learning_rate or "
+            "check the data; nan_policy=skip drops such steps instead."
+        )
+
+    # --- data ----------------------------------------------------------------------------------
     def _blocks(self, texts, files, tok_path: str, limit: int | None = None) -> list[D.Block]:
         cfg = self.config
 
@@ -335,18 +406,21 @@ class CPTTrainer:
     def _step_batches(
         self, blocks: list[D.Block], total: int, steps_per_epoch: int
     ) -> Iterator[tuple[float, list[dict], bool]]:
-        """Yield ``(epoch, micro-batches, epoch_ended)`` for each optimizer step.
+        """Yield ``(epoch, micro-batches, epoch_ended)`` for each optimizer step from ``state.step``.
 
-        Each epoch visits every block once in an order fixed by ``seed`` and the epoch number.
+        Each epoch visits every block once in an order fixed by ``seed`` and the epoch number,
+        so the data position is the step count alone: a resume jumps straight to it, with no
+        replay of earlier batches (HF Trainer's replay took 28 h in transformers #18649).
         """
         cfg = self.config
         bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        step, epoch = 0, 0
+        step = self.state.step
         while step < total:
+            epoch, first = divmod(step, steps_per_epoch)
             gen = torch.Generator().manual_seed(cfg.seed + epoch)
             order = torch.randperm(len(blocks), generator=gen).tolist()
             micro = [order[i : i + bs] for i in range(0, len(order), bs)]
-            for s in range(steps_per_epoch):
+            for s in range(first, steps_per_epoch):
                 if step >= total:
                     return
                 group = [
@@ -354,7 +428,6 @@ class CPTTrainer:
                 ]
                 step += 1
                 yield epoch + (s + 1) / steps_per_epoch, group, s == steps_per_epoch - 1
-            epoch += 1
 
     @torch.no_grad()
     def _eval_loss(self, blocks: list[D.Block], runtime: Runtime, chunked: bool) -> float:
@@ -369,26 +442,244 @@ class CPTTrainer:
                 total += lm_loss_sum(model, batch, chunked, self.config.loss_chunk_size).item()
         return total / max(1, n)
 
-    def _state_dict(self) -> dict:
-        st = self.state
-        return {
-            "step": st.step,
-            "epoch": st.epoch,
-            "tokens_seen": st.tokens_seen,
-            "avg_loss": st.avg_loss,
-            "best_eval_loss": st.best_eval_loss if math.isfinite(st.best_eval_loss) else None,
-        }
-
-    def _save_checkpoint(self, out: Path) -> None:
+    # --- checkpoints and resume ----------------------------------------------------------------
+    def _save_checkpoint(self, out: Path, optimizers: Optimizers) -> Path:
         path = out / f"checkpoint-{self.state.step}"
-        if path.exists():
-            return
-        save_model_dir(path, self.model, self.tokenizer, self.config, self._state_dict())
-        rotate_checkpoints(out, self.config.save_total_limit)
+        if path.exists() and verify(path, checksums=False) is None:
+            return path
+        cfg = self.config
+        state = {
+            **asdict(self.state),
+            "data": {"steps_done": self.state.step, "fingerprint": self._data_fingerprint},
+            "geometry": {k: getattr(cfg, k) for k in GEOMETRY_FIELDS},
+            "rng": jsonable_rng(random.getstate(), _numpy_rng_state()),
+        }
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_training_checkpoint(
+            path, self.model, self.tokenizer, cfg, state, optimizers.state_dict(), rng
+        )
+        rotate_checkpoints(out, cfg.save_total_limit, keep=path)
         log.info("saved %s", path)
+        return path
+
+    def _find_resume_checkpoint(self, out: Path) -> Path | None:
+        spec = self.config.resume_from_checkpoint
+        if spec is None:
+            return None
+        if spec == "auto":
+            path = latest_valid_checkpoint(out)
+            if path is None:
+                log.info(
+                    "resume_from_checkpoint=auto: no valid checkpoint in %s; starting fresh", out
+                )
+            return path
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not a directory")
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not usable: {problem}")
+        return path
+
+    def _check_resume(self, path: Path, train_blocks: list[D.Block]) -> dict:
+        """Refuse, before training, a resume that could not continue the same run exactly."""
+        cfg = self.config
+        state, optim_state, rng = load_training_state(path)
+        problems = []
+        for key, saved in state["geometry"].items():
+            if getattr(cfg, key) != saved:
+                problems.append(
+                    f"{key}: the checkpoint has {saved!r}, this run has {getattr(cfg, key)!r}"
+                )
+        saved_arch = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        current = self.model.config.to_dict()
+        for key in ARCH_FIELDS:
+            if key in saved_arch and saved_arch.get(key) != current.get(key):
+                problems.append(
+                    f"model {key}: the checkpoint has {saved_arch.get(key)!r}, "
+                    f"{cfg.model_name_or_path} has {current.get(key)!r}"
+                )
+        fingerprint = _fingerprint(train_blocks)
+        if state["data"]["fingerprint"] != fingerprint:
+            problems.append(
+                f"training data: the checkpoint was trained on data with fingerprint "
+                f"{state['data']['fingerprint']}, this run's data has {fingerprint}"
+            )
+        if problems:
+            raise ResumeError(
+                f"cannot resume exactly from {path}:\n  - "
+                + "\n  - ".join(problems)
+                + "\nTo continue with new settings, start a new run with model_name_or_path "
+                f"set to {path}."
+            )
+        log.info("resuming from %s at step %d", path, state["step"])
+        return {"state": state, "optimizer": optim_state, "rng": rng, "path": path}
+
+    def _load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            if f.name != "rng_state.safetensors":
+                tensors.update(load_file(str(f)))
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        tied = (
+            {k for k in missing if k.endswith("lm_head.weight")}
+            if self.model.config.tie_word_embeddings
+            else set()
+        )
+        if set(missing) - tied or unexpected:
+            raise ResumeError(
+                f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+
+    def _restore(self, resumed: dict, optimizers: Optimizers) -> None:
+        state = resumed["state"]
+        fields = {k: state[k] for k in asdict(TrainState()) if k in state}
+        self.state = TrainState(**fields)
+        optimizers.load_state_dict(resumed["optimizer"])
+        rng = state["rng"]
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if "numpy" in rng:
+            import numpy as np
+
+            n = rng["numpy"]
+            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if torch.cuda.is_available():
+            states = [resumed["rng"][k] for k in sorted(resumed["rng"]) if k.startswith("cuda")]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+
+    @contextlib.contextmanager
+    def _catch_stop_signals(self):
+        """SIGTERM/SIGINT: finish the current step, save, then stop (Megatron's behaviour).
+
+        A second SIGINT stops at once.
+        """
+        if (
+            threading.current_thread() is not threading.main_thread()
+        ):  # signals need the main thread
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning(
+                "%s received: finishing this step, then saving", signal.Signals(signum).name
+            )
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _log_setup(
+        self, runtime, train_blocks, eval_blocks, total, steps_per_epoch, warmup
+    ) -> None:
+        cfg = self.config
+        total_params, non_emb = count_parameters(self.model)
+        log.info(
+            "model: %s (%s parameters, %s non-embedding) on %s, %s",
+            cfg.model_name_or_path,
+            f"{total_params:,}",
+            f"{non_emb:,}",
+            runtime.device,
+            str(runtime.autocast_dtype).replace("torch.", "autocast ")
+            if runtime.autocast_dtype
+            else "fp32",
+        )
+        log.info(
+            "data: %d train blocks of %d tokens, %d eval blocks; %d steps (%d per epoch, "
+            "%d warmup), global batch %d x %d tokens",
+            len(train_blocks),
+            cfg.max_length,
+            len(eval_blocks),
+            total,
+            steps_per_epoch,
+            warmup,
+            cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+            cfg.max_length,
+        )
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def cfg_lr(cfg: CPTConfig) -> float:
+    return float(cfg.learning_rate)
+
+
+class _Window:
+    """Loss and throughput over the steps since the last log line."""
+
+    def __init__(self):
+        self.loss_sum, self.loss_tokens, self.tokens = 0.0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, loss_tokens: int, tokens: int) -> None:
+        self.loss_sum += loss * loss_tokens
+        self.loss_tokens += loss_tokens
+        self.tokens += tokens
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.loss_tokens if self.loss_tokens else float("nan")
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _write_report(out: Path) -> None:
+    """The run's report.html; a finished run never fails on its report."""
+    try:
+        from .report import write_report
+
+        log.info("report: %s", write_report([out]))
+    except Exception as exc:
+        log.warning("could not write report.html: %s", exc)
+
+
+def _fingerprint(blocks: list[D.Block]) -> str:
+    """A short hash of the packed training data: a resume must see the same blocks."""
+    h = hashlib.sha256(str(len(blocks)).encode())
+    for b in blocks:
+        h.update(torch.tensor(b.input_ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _numpy_rng_state():
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    return np.random.get_state()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records a crashed run logged after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _check_texts(texts, what: str) -> list[str] | None:
@@ -400,7 +691,7 @@ def _check_texts(texts, what: str) -> list[str] | None:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise D.DataError(f"{what}[{i}]: expected a string, got {type(t).__name__}")
-    if what == "train_texts" and texts is not None and not any(t.strip() for t in texts):
+    if what == "train_texts" and not any(t.strip() for t in texts):
         raise D.DataError(f"{what}: the list is empty or holds only blank texts")
     return texts
 
@@ -408,9 +699,7 @@ def _check_texts(texts, what: str) -> list[str] | None:
 def _check_writable(out: Path) -> None:
     """Fail before training if ``out`` cannot be created or written (without creating it)."""
     probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise OSError(f"output_dir: {str(probe)!r} exists and is not a directory")
@@ -418,11 +707,12 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"output_dir: {str(out)!r} is not writable (checked {str(probe)!r})")
 
 
-def _progress(total: int):
+def _progress(total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
+        initial=initial,
         desc="training",
         unit="step",
         dynamic_ncols=True,
@@ -431,6 +721,9 @@ def _progress(total: int):
 
 
 def _log_line(bar, step: int, total: int, m: dict) -> None:
+    bar.set_postfix(
+        loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}"
+    )
     line = (
         f"step {step}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
         f"avg {m['avg_loss']:.4f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f} | "

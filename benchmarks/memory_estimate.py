@@ -1,0 +1,266 @@
+"""Check the planner's memory estimate against the peak RSS of real CPTTrainer steps on CPU.
+
+    .venv/bin/python benchmarks/memory_estimate.py            # all cases, a markdown table
+    .venv/bin/python benchmarks/memory_estimate.py --quick    # the first two cases
+
+About 5 minutes on 2 CPU cores (the 151,936-row LM head dominates the compute).
+
+Each case trains a tiny Qwen2.5-shaped model (``make_tiny_model``: 151,936 vocabulary rows, so
+the logits are big) for a few fp32 steps (``use_bf16=False``) in a fresh subprocess, and measures:
+- baseline: VmRSS right before the trainer loads the model (imports, tokenizer and tokenized
+  data are already resident); the peak counter (VmHWM) is reset there (``/proc/self/clear_refs``);
+- static: VmRSS right after the last optimizer step (weights, gradients and optimizer state are
+  all held there), minus the baseline;
+- peak: VmHWM after the last optimizer step, minus the baseline;
+and compares them with ``estimate_memory`` (weights, grads, optimizer, its step temporaries,
+activations and logits; on CPU there is no CUDA overhead and no autocast copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 2**20
+
+SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704)
+# name, make_tiny_model kwargs, CPTConfig overrides
+CASES = [
+    (
+        "AdamW, plain loss, no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_length=256,
+            use_fused_loss=False,
+            use_gradient_checkpointing=False,
+        ),
+    ),
+    (
+        "AdamW, chunked loss 256, full ckpt, 2x512, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_length=512,
+            use_fused_loss=True,
+            loss_chunk_size=256,
+            use_gradient_checkpointing=True,
+        ),
+    ),
+    (
+        "Muon, plain loss, no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_length=256,
+            use_fused_loss=False,
+            use_gradient_checkpointing=False,
+            use_muon_optimizer=True,
+        ),
+    ),
+    (
+        "AdamW, plain loss, no ckpt, 2x256, accum 1",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+            max_length=256,
+            use_fused_loss=False,
+            use_gradient_checkpointing=False,
+        ),
+    ),
+    (
+        "Llama (untied) h512 x8, chunked 256, no ckpt, 2x1024, accum 1",
+        dict(
+            arch="llama",
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=2,
+            intermediate_size=1408,
+        ),
+        dict(
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+            max_length=1024,
+            use_fused_loss=True,
+            loss_chunk_size=256,
+            use_gradient_checkpointing=False,
+        ),
+    ),
+]
+STEPS = 3
+
+
+def _status(key: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (Linux >= 4.0)
+        fh.write("5")
+
+
+def _corpus(n_docs: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(5000)
+    ]
+    return [" ".join(rng.choice(words) for _ in range(400)) for _ in range(n_docs)]
+
+
+def run_case(model_dir: str, overrides: dict, out_dir: str) -> dict:
+    """Train ``STEPS`` steps in this process and return the measured and estimated bytes."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    import qwen_cpt.trainer as trainer_mod
+    from qwen_cpt import CPTConfig, CPTTrainer
+    from qwen_cpt.planner import ModelShape, estimate_memory
+
+    measured: dict[str, int] = {}
+    real_load = trainer_mod.load_model
+
+    def load_and_measure(*args, **kwargs):
+        measured["baseline"] = _status("VmRSS")
+        _reset_peak()
+        model = real_load(*args, **kwargs)
+        measured["after_load"] = _status("VmRSS")
+        return model
+
+    trainer_mod.load_model = load_and_measure  # instrumentation only: the trainer runs as is
+
+    def after_step(optimizer, args, kwargs):
+        # gradients are still held here (zero_grad comes next): weights + grads + optimizer
+        measured["static"] = _status("VmRSS")
+        measured["peak"] = _status("VmHWM")
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(after_step)
+
+    # Import the modeling code and its lazy modules before the baseline: that is code (about
+    # 110 MiB for transformers' Qwen2), not model memory.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = AutoConfig.from_pretrained(model_dir)
+    small.num_hidden_layers, small.vocab_size, small.pad_token_id = 1, 1024, None
+    AutoModelForCausalLM.from_config(small)
+
+    cfg = CPTConfig(
+        model_name_or_path=model_dir,
+        output_dir=out_dir,
+        max_steps=STEPS,
+        use_bf16=False,
+        use_flash_attention=False,
+        logging_steps=1,
+        eval_steps=10**6,
+        save_steps=0,
+        use_tensorboard=False,
+        device="cpu",
+        **overrides,
+    )
+    blocks_needed = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * STEPS
+    texts = _corpus(n_docs=blocks_needed * cfg.max_length // 150 + 8)
+    t0 = time.perf_counter()
+    CPTTrainer(cfg).train(texts)
+    wall = time.perf_counter() - t0
+    if "baseline" not in measured or "peak" not in measured:
+        raise RuntimeError("instrumentation did not run: did trainer.py stop using load_model?")
+
+    shape = ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    est = estimate_memory(
+        shape,
+        micro_batch=cfg.per_device_train_batch_size,
+        seq_len=cfg.max_length,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        optimizer="muon" if cfg.use_muon_optimizer else "adamw",
+        checkpointing="full" if cfg.use_gradient_checkpointing else "none",
+        bf16=False,
+        chunked_loss=cfg.use_fused_loss,
+        loss_chunk_size=cfg.loss_chunk_size,
+        device="cpu",
+    )
+    c = est.components
+    return {
+        "measured_static": measured["static"] - measured["baseline"],
+        "measured_peak": measured["peak"] - measured["baseline"],
+        "estimated_static": c["weights"] + c["grads"] + c["optimizer"],
+        "estimated_peak": est.peak,
+        "components": est.components,
+        "wall_s": wall,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only the first two cases")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:  # one case, in a fresh process so the allocator state is clean
+        spec = json.loads(args.child)
+        result = run_case(spec["model_dir"], spec["overrides"], spec["out_dir"])
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    from qwen_cpt import make_tiny_model
+
+    cases = CASES[:2] if args.quick else CASES
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, model_kw, overrides) in enumerate(cases):
+            model_dir = Path(tmp) / f"model{i}"
+            make_tiny_model(model_dir, **model_kw)
+            spec = {"model_dir": str(model_dir), "overrides": overrides, "out_dir": f"{tmp}/run{i}"}
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"case {name!r} failed (exit {proc.returncode})")
+            r = json.loads(line[len("RESULT ") :])
+            rows.append((name, r))
+            print(f"done: {name} ({r['wall_s']:.1f} s)", file=sys.stderr)
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; {STEPS} fp32 steps per case\n"
+    )
+    print(
+        "| case | weights+grads+optimizer est. / meas. (MiB) | peak est. (MiB) | "
+        "peak meas. (MiB) | peak error | est. transients (MiB): step temp, activations, logits |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
+        c = {k: v / MiB for k, v in r["components"].items()}
+        err = (r["estimated_peak"] - r["measured_peak"]) / r["measured_peak"]
+        print(
+            f"| {name} | {r['estimated_static'] / MiB:.0f} / {r['measured_static'] / MiB:.0f} | "
+            f"{r['estimated_peak'] / MiB:.0f} | {r['measured_peak'] / MiB:.0f} | {err:+.1%} | "
+            f"{c['optimizer_step_temp']:.0f}, {c['activations']:.0f}, {c['logits']:.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""Checkpoints, exact resume and fault handling, with real processes and real signals.
+
+The reference for every resume is a straight run with the same config: per-step losses must be
+equal (``==``), as in torchtitan's resume test.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen_cpt import CPTConfig, CPTTrainer
+from qwen_cpt.checkpoint import CheckpointError, latest_valid_checkpoint, verify
+from qwen_cpt.trainer import ResumeError
+
+from .conftest import SAMPLE_TEXTS
+
+# 24 texts -> 15 blocks of 24 tokens -> 8 micro-batches of 2 -> 4 steps per epoch (accum 2)
+BASE = dict(
+    max_length=24,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=2e-3,
+    warmup_ratio=0.25,
+    logging_steps=1,
+    eval_steps=1000,
+    save_total_limit=None,
+    use_gradient_checkpointing=False,
+    seed=3,
+)
+
+
+def _write_data(tmp_path) -> str:
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": t + f" #{i}"}) + "\n" for i, t in enumerate(SAMPLE_TEXTS))
+    )
+    return str(path)
+
+
+def _cfg(model, out, data, **kw) -> CPTConfig:
+    return CPTConfig(
+        model_name_or_path=model, output_dir=str(out), train_files=[data], **{**BASE, **kw}
+    )
+
+
+def _losses(out) -> dict[int, float]:
+    recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def _cli(cfg: CPTConfig, tmp_path, name: str, **popen):
+    path = tmp_path / f"{name}.yaml"
+    cfg.to_yaml(path)
+    cmd = [sys.executable, "-m", "qwen_cpt", "train", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _resume_from(ckpt: Path, out: Path, model, data, **kw) -> dict[int, float]:
+    """Resume in a new process from ``ckpt`` into ``out`` and return all logged losses."""
+    cfg = _cfg(model, out, data, resume_from_checkpoint=str(ckpt), **kw)
+    res = _cli(cfg, out.parent, out.name)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"resuming from {ckpt} at step" in res.stderr
+    return _losses(out)
+
+
+@pytest.mark.parametrize(
+    "muon, steps, at, workers",
+    [
+        (True, 6, 3, 0),  # Muon, resume mid-epoch
+        (False, 8, 4, 0),  # AdamW, resume at an epoch boundary
+        (True, 6, 2, 2),  # tokenizer worker processes
+    ],
+)
+def test_resume_gives_identical_losses(tiny_qwen, tmp_path, muon, steps, at, workers):
+    data = _write_data(tmp_path)
+    straight = tmp_path / "straight"
+    kw = dict(
+        use_muon_optimizer=muon, max_steps=steps, save_steps=at, dataloader_num_workers=workers
+    )
+    CPTTrainer(_cfg(tiny_qwen, straight, data, **kw)).train()
+    ref = _losses(straight)
+    assert sorted(ref) == list(range(1, steps + 1))
+    resumed = _resume_from(
+        straight / f"checkpoint-{at}", tmp_path / "resumed", tiny_qwen, data, **kw
+    )
+    assert sorted(resumed) == list(range(at + 1, steps + 1))
+    assert [resumed[s] for s in range(at + 1, steps + 1)] == [
+        ref[s] for s in range(at + 1, steps + 1)
+    ]
+
+
+def test_resume_twice_in_a_row(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=6, save_steps=2)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
+    ref = _losses(tmp_path / "straight")
+    first = _resume_from(
+        tmp_path / "straight" / "checkpoint-2", tmp_path / "r1", tiny_qwen, data, **kw
+    )
+    second = _resume_from(tmp_path / "r1" / "checkpoint-4", tmp_path / "r2", tiny_qwen, data, **kw)
+    assert [first[s] for s in (3, 4)] == [ref[s] for s in (3, 4)]
+    assert [second[s] for s in (5, 6)] == [ref[s] for s in (5, 6)]
+
+
+def test_checkpoint_holds_full_state_and_verifies(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(
+        _cfg(tiny_qwen, out, data, max_steps=2, save_steps=1, use_muon_optimizer=True)
+    ).train()
+    ck = out / "checkpoint-1"
+    names = {p.name for p in ck.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.pt",
+        "rng_state.safetensors",
+        "trainer_state.json",
+        "config.yaml",
+        "manifest.json",
+    } <= names
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["tokens_seen"] == 4 * 24
+    assert set(state["geometry"]) >= {"max_length", "per_device_train_batch_size"}
+    import torch
+
+    optim = torch.load(ck / "optimizer.pt", weights_only=True)
+    assert set(optim) == {"muon", "adamw"} and optim["muon"]["state"]
+    assert verify(ck) is None
+    assert latest_valid_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_sigkill_then_auto_resume_matches_a_straight_run(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=12, save_steps=1)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
+    ref = _losses(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    cfg = _cfg(tiny_qwen, out, data, resume_from_checkpoint="auto", **kw)
+    proc = _cli(cfg, tmp_path, "killed", popen=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: maybe mid-save
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+    res = _cli(cfg, tmp_path, "killed")
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr
+    got = _losses(out)
+    assert [got[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_corrupted_and_partial_checkpoints_are_skipped(tiny_qwen, tmp_path, caplog):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    kw = dict(max_steps=3, save_steps=1)
+    CPTTrainer(_cfg(tiny_qwen, out, data, **kw)).train()
+    ref = _losses(out)
+    shutil.rmtree(out / "final")
+    # newest checkpoint truncated, the one before it bit-flipped, and a save left half-done
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    opt = out / "checkpoint-2" / "optimizer.pt"
+    blob = bytearray(opt.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    opt.write_bytes(bytes(blob))
+    shutil.copytree(out / "checkpoint-1", out / ".tmp-checkpoint-4-999")
+    assert latest_valid_checkpoint(out) == out / "checkpoint-1"
+    assert "checkpoint-3: model.safetensors has 1000 bytes" in caplog.text
+    assert "checkpoint-2: optimizer.pt does not match its checksum" in caplog.text
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"step": 3, "lo')
+    CPTTrainer(_cfg(tiny_qwen, out, data, resume_from_checkpoint="auto", **kw)).train()
+    assert _losses(out) == ref
+    assert not (out / ".tmp-checkpoint-4-999").exists()
+
+
+def test_sigterm_saves_exits_143_and_resumes_exactly(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    kw = dict(max_steps=40, save_steps=1000, use_muon_optimizer=False)
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_qwen, out, data, resume_from_checkpoint="auto", **kw)
+    proc = _cli(cfg, tmp_path, "run", popen=True)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if "step 3/40" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == 143, log
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and "SIGTERM received" in log and str(saved[0]) in log
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert 3 <= stopped_at < 40
+    res = _cli(cfg, tmp_path, "run")
+    assert res.returncode == 0, res.stderr
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
+    assert _losses(out) == _losses(tmp_path / "straight")
+
+
+def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=1, save_steps=1)).train()
+    ck = out / "checkpoint-1"
+    with pytest.raises(ResumeError, match="max_length: the checkpoint has 24, this run has 32"):
+        CPTTrainer(
+            _cfg(
+                tiny_qwen,
+                tmp_path / "o2",
+                data,
+                max_steps=2,
+                max_length=32,
+                resume_from_checkpoint=str(ck),
+            )
+        ).train()
+    with pytest.raises(
+        ResumeError, match="gradient_accumulation_steps: the checkpoint has 2, this run has 4"
+    ):
+        CPTTrainer(
+            _cfg(
+                tiny_qwen,
+                tmp_path / "o2",
+                data,
+                max_steps=2,
+                gradient_accumulation_steps=4,
+                resume_from_checkpoint=str(ck),
+            )
+        ).train()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "something else entirely " * 20}) + "\n")
+    with pytest.raises(ResumeError, match="training data: the checkpoint was trained on data"):
+        CPTTrainer(
+            _cfg(
+                tiny_qwen, tmp_path / "o2", str(other), max_steps=2, resume_from_checkpoint=str(ck)
+            )
+        ).train()
+    assert not (tmp_path / "o2").exists()
+
+
+def test_resume_refuses_changed_architecture(tiny_qwen, tmp_path):
+    from qwen_cpt import make_tiny_model
+
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=1, save_steps=1)).train()
+    wider = make_tiny_model(
+        tmp_path / "wider", hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
+    with pytest.raises(ResumeError, match="model hidden_size: the checkpoint has 32, .* has 48"):
+        CPTTrainer(
+            _cfg(
+                str(wider),
+                tmp_path / "o2",
+                data,
+                max_steps=2,
+                resume_from_checkpoint=str(out / "checkpoint-1"),
+            )
+        ).train()
+
+
+def test_missing_or_broken_checkpoint_path(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    with pytest.raises(CheckpointError, match="'.*nope' is not a directory"):
+        CPTTrainer(
+            _cfg(tiny_qwen, tmp_path / "o", data, resume_from_checkpoint=str(tmp_path / "nope"))
+        ).train()
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        CPTTrainer(
+            _cfg(tiny_qwen, tmp_path / "o", data, resume_from_checkpoint=str(tmp_path / "half"))
+        ).train()
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_resume_with_nothing_to_resume_starts_fresh(tiny_qwen, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="qwen_cpt")
+    data = _write_data(tmp_path)
+    CPTTrainer(
+        _cfg(tiny_qwen, tmp_path / "o", data, max_steps=1, resume_from_checkpoint="auto")
+    ).train()
+    assert "no valid checkpoint" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_qwen, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):  # the second checkpoint's optimizer write hits ENOSPC
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(
+        CheckpointError,
+        match="disk full while saving .*checkpoint-2.*previous checkpoint is intact",
+    ):
+        CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=3, save_steps=1)).train()
+    assert verify(out / "checkpoint-1") is None
+    assert not (out / "checkpoint-2").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_nan_skip_policy_skips_up_to_the_cap(tiny_qwen, tmp_path, caplog):
+    from qwen_cpt import TrainingError
+
+    data = _write_data(tmp_path)
+    kw = dict(
+        max_steps=6,
+        learning_rate=1e30,
+        warmup_ratio=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
+    with pytest.raises(TrainingError, match="non-finite .* at step 4 .* after 2 skipped steps"):
+        CPTTrainer(
+            _cfg(tiny_qwen, tmp_path / "o", data, nan_policy="skip", max_skipped_steps=2, **kw)
+        ).train()
+    assert caplog.text.count("update skipped") == 2
+    with pytest.raises(TrainingError, match="at step 2 "):
+        CPTTrainer(_cfg(tiny_qwen, tmp_path / "o2", data, **kw)).train()
+    assert not list((tmp_path / "o2").glob("checkpoint-*"))
+
+
+def test_rotation_keeps_newest_and_best(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(
+        _cfg(
+            tiny_qwen,
+            out,
+            data,
+            max_steps=5,
+            save_steps=1,
+            save_total_limit=2,
+            eval_steps=1,
+            eval_texts=SAMPLE_TEXTS[:2],
+        )
+    ).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert (out / "best" / "model.safetensors").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["save_total_limit"] == 2

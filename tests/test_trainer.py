@@ -1,0 +1,252 @@
+"""End-to-end runs of the single-device trainer on the tiny offline model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qwen_cpt import ConfigError, CPTConfig, CPTTrainer, DataError, ModelLoadError
+
+from .conftest import SAMPLE_TEXTS
+
+
+def _records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_spec_basic_snippet_runs_on_cpu(tiny_qwen, tmp_path):
+    # The spec's snippet, verbatim except for the import line and the model path.
+    config = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        max_length=2048,
+        learning_rate=5e-5,
+        num_train_epochs=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=8,
+        use_muon_optimizer=True,
+        use_flash_attention=True,
+        use_gradient_checkpointing=True,
+        use_bf16=True,
+        output_dir=str(tmp_path / "cpt_output"),
+        max_samples=1000,
+    )
+    trainer = CPTTrainer(config)
+    final_loss = trainer.train(["your text 1", "your text 2"])
+    assert isinstance(final_loss, float) and math.isfinite(final_loss) and final_loss > 0
+    out = tmp_path / "cpt_output"
+    assert (out / "final" / "model.safetensors").is_file()
+    assert trainer.state.step == 3  # one block, three epochs
+
+
+def test_spec_advanced_snippet_with_trackers(tiny_qwen, tmp_path):
+    config = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        max_length=64,
+        learning_rate=3e-5,
+        num_train_epochs=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        dataloader_num_workers=2,
+        logging_steps=1,
+        save_steps=2,
+        eval_steps=2,
+        save_total_limit=2,
+        trust_remote_code=False,
+        use_muon_optimizer=True,
+        output_dir=str(tmp_path / "out"),
+    )
+    config.wandb_project = "qwen2.5-cpt"
+    config.logging_dir = str(tmp_path / "logs")
+    loss = CPTTrainer(config).train(SAMPLE_TEXTS, eval_texts=SAMPLE_TEXTS[:3])
+    assert math.isfinite(loss)
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_run_leaves_the_promised_files_and_metrics(tiny_qwen, tmp_path):
+    out = tmp_path / "run"
+    cfg = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        output_dir=str(out),
+        max_length=32,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        warmup_ratio=0.2,
+        eval_steps=3,
+        save_steps=3,
+        save_total_limit=2,
+        use_gradient_checkpointing=False,
+        eval_texts=SAMPLE_TEXTS[:2],
+    )
+    trainer = CPTTrainer(cfg)
+    trainer.train(SAMPLE_TEXTS)
+    steps = trainer.state.step
+    assert steps > 6
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    # save_total_limit=2 keeps the two newest; the final step is always saved
+    assert len(ckpts) == 2 and f"checkpoint-{steps}" in ckpts
+    for name in ("final", "best"):
+        assert (out / name / "model.safetensors").is_file()
+        assert (out / name / "tokenizer.json").is_file()
+        assert (out / name / "config.json").is_file()
+    assert CPTConfig.from_yaml(out / "config.yaml") == cfg
+    assert not list(out.glob(".tmp-*"))
+    recs = _records(out)
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for key in ("epoch", "loss", "avg_loss", "lr", "grad_norm", "tokens_per_sec", "memory_gb"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == steps
+    assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-6 * r["eval_ppl"] for r in evals)
+    assert train[-1]["loss"] < train[0]["loss"]
+    best = json.loads((out / "best" / "trainer_state.json").read_text())
+    assert best["best_eval_loss"] == pytest.approx(min(r["eval_loss"] for r in evals[1:]))
+    # warmup then cosine: the lr rises first and ends below its peak
+    lrs = [r["lr"] for r in train]
+    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)
+    # the final model reloads with plain transformers and continues the trained weights
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("Hello, world!", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[9707, 11, 1879, 0]]
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), trainer.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1.detach(), p2.detach().cpu())
+
+
+def test_llama_architecture_trains(tiny_llama, tmp_path):
+    cfg = CPTConfig(
+        model_name_or_path=tiny_llama,
+        output_dir=str(tmp_path),
+        max_length=32,
+        max_steps=3,
+        use_muon_optimizer=True,
+        learning_rate=1e-3,
+        logging_steps=1,
+    )
+    assert math.isfinite(CPTTrainer(cfg).train(SAMPLE_TEXTS))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").config.model_type == "llama"
+
+
+def test_train_files_and_max_samples(tiny_qwen, tmp_path):
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
+    cfg = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        output_dir=str(tmp_path / "o"),
+        max_length=16,
+        train_files=[str(data)],
+        max_samples=2,
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=1,
+    )
+    trainer = CPTTrainer(cfg)
+    trainer.train()
+    rec = _records(tmp_path / "o")[-1]
+    # two short documents fit in a few 16-token blocks; the whole corpus would need many more
+    assert rec["tokens_seen"] == 2 * 16
+
+
+# --- bad input: a clear error, and nothing written -----------------------------------------------
+
+
+def _assert_nothing_written(path):
+    assert not Path(path).exists()
+
+
+def test_missing_model_path(tmp_path):
+    out = tmp_path / "out"
+    cfg = CPTConfig(model_name_or_path=str(tmp_path / "no-such-model"), output_dir=str(out))
+    with pytest.raises(ModelLoadError, match="no-such-model.*is not a directory"):
+        CPTTrainer(cfg).train(["some text"])
+    _assert_nothing_written(out)
+
+
+def test_empty_text_list(tiny_qwen, tmp_path):
+    out = tmp_path / "out"
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(out))
+    with pytest.raises(DataError, match="train_texts: the list is empty"):
+        CPTTrainer(cfg).train([])
+    with pytest.raises(DataError, match="train_texts: the list is empty or holds only blank"):
+        CPTTrainer(cfg).train(["  ", "\n"])
+    with pytest.raises(DataError, match="nothing to train on"):
+        CPTTrainer(cfg).train()
+    with pytest.raises(DataError, match="expected a list of texts, got a single string"):
+        CPTTrainer(cfg).train("one string")
+    _assert_nothing_written(out)
+
+
+def test_invalid_values_assigned_after_construction(tiny_qwen, tmp_path):
+    out = tmp_path / "out"
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(out))
+    trainer = CPTTrainer(cfg)
+    cfg.learning_rate = -1.0
+    cfg.gradient_accumulation_steps = 0
+    with pytest.raises(ConfigError) as info:
+        trainer.train(["text"])
+    assert "learning_rate" in str(info.value) and "gradient_accumulation_steps" in str(info.value)
+    _assert_nothing_written(out)
+
+
+def test_bad_train_file_is_named_before_anything_is_written(tiny_qwen, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    out = tmp_path / "out"
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(out), train_files=[str(bad)])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        CPTTrainer(cfg).train()
+    _assert_nothing_written(out)
+
+
+def test_unwritable_output_dir(tiny_qwen, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(blocker / "out"))
+    with pytest.raises(OSError, match="exists and is not a directory"):
+        CPTTrainer(cfg).train(["text"])
+
+
+def test_tokenizer_larger_than_embedding_is_refused(tiny_qwen, tmp_path):
+    from qwen_cpt import make_tiny_model
+
+    small = make_tiny_model(
+        tmp_path / "small-vocab",
+        hidden_size=16,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        vocab_size=1000,
+    )
+    cfg = CPTConfig(model_name_or_path=str(small), output_dir=str(tmp_path / "out"))
+    with pytest.raises(ModelLoadError, match="151665 ids but the model .* has only 1000"):
+        CPTTrainer(cfg).train(["text"])
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny_qwen, tmp_path):
+    from qwen_cpt import TrainingError
+
+    cfg = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        output_dir=str(tmp_path / "out"),
+        max_length=16,
+        max_steps=3,
+        learning_rate=1e30,
+        warmup_ratio=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_muon_optimizer=False,
+    )
+    with pytest.raises(TrainingError, match="non-finite .* at step 2"):
+        CPTTrainer(cfg).train(SAMPLE_TEXTS)
+    assert not (tmp_path / "out" / "final").exists()
