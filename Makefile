@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # pulling a multi-GB CUDA build for the `torch>=2.9` requirement. Elsewhere set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ format: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+# docs/config.md is generated from CPTConfig; tests/test_docs.py fails when it is stale.
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_config_reference.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

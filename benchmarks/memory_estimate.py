@@ -1,7 +1,7 @@
 """Check the planner's memory estimate against the peak RSS of real CPTTrainer steps on CPU.
 
     .venv/bin/python benchmarks/memory_estimate.py            # all cases, a markdown table
-    .venv/bin/python benchmarks/memory_estimate.py --quick    # the first two cases
+    .venv/bin/python benchmarks/memory_estimate.py --quick    # the first two cases only
 
 About 5 minutes on 2 CPU cores (the 151,936-row LM head dominates the compute).
 
@@ -126,8 +126,13 @@ def _corpus(n_docs: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(400)) for _ in range(n_docs)]
 
 
-def run_case(model_dir: str, overrides: dict, out_dir: str) -> dict:
-    """Train ``STEPS`` steps in this process and return the measured and estimated bytes."""
+def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: bool) -> dict:
+    """Train ``STEPS`` steps in this process and return the measured and estimated bytes.
+
+    ``tuned_allocator=False`` keeps glibc's default thresholds, so freed large blocks go back to
+    the OS and RSS follows live memory; the trainer's ``tune_cpu_allocator`` (on by default on
+    CPU) keeps them in the heap for speed, and RSS then also counts the fragmented free heap.
+    """
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -146,6 +151,10 @@ def run_case(model_dir: str, overrides: dict, out_dir: str) -> dict:
         return model
 
     trainer_mod.load_model = load_and_measure  # instrumentation only: the trainer runs as is
+    if not tuned_allocator:
+        import qwen_cpt.model as model_mod
+
+        model_mod.tune_cpu_allocator = lambda: False
 
     def after_step(optimizer, args, kwargs):
         # gradients are still held here (zero_grad comes next): weights + grads + optimizer
@@ -211,24 +220,36 @@ def run_case(model_dir: str, overrides: dict, out_dir: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="only the first two cases")
+    ap.add_argument("--quick", action="store_true", help="only the first two cases, untuned")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one case, in a fresh process so the allocator state is clean
         spec = json.loads(args.child)
-        result = run_case(spec["model_dir"], spec["overrides"], spec["out_dir"])
+        result = run_case(
+            spec["model_dir"], spec["overrides"], spec["out_dir"], spec["tuned_allocator"]
+        )
         print("RESULT " + json.dumps(result))
         return 0
 
     from qwen_cpt import make_tiny_model
 
-    cases = CASES[:2] if args.quick else CASES
+    # every case with glibc's defaults; the first two again with the trainer's CPU allocator
+    # tuning (its default on CPU), to show what that costs in RSS
+    cases = [(name, kw, ov, False) for name, kw, ov in CASES]
+    cases += [(name + " [tuned allocator]", kw, ov, True) for name, kw, ov in CASES[:2]]
+    if args.quick:
+        cases = [cases[0], cases[1]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, model_kw, overrides) in enumerate(cases):
+        for i, (name, model_kw, overrides, tuned) in enumerate(cases):
             model_dir = Path(tmp) / f"model{i}"
             make_tiny_model(model_dir, **model_kw)
-            spec = {"model_dir": str(model_dir), "overrides": overrides, "out_dir": f"{tmp}/run{i}"}
+            spec = {
+                "model_dir": str(model_dir),
+                "overrides": overrides,
+                "out_dir": f"{tmp}/run{i}",
+                "tuned_allocator": tuned,
+            }
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)],
                 capture_output=True,

@@ -90,3 +90,18 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
 
 def test_int_given_for_float_field_is_accepted():
     assert CPTConfig(model_name_or_path="m", learning_rate=1).learning_rate == 1.0
+
+
+def test_conflicting_options_are_reported():
+    with pytest.raises(ConfigError) as info:
+        CPTConfig(
+            model_name_or_path="m",
+            lr_scheduler_type="wsd",
+            warmup_ratio=0.6,
+            wsd_decay_ratio=0.5,
+            output_dir="out",
+            resume_from_checkpoint="out",
+            nan_policy="ignore",
+        )
+    msg = str(info.value)
+    assert "conflict" in msg and "points at output_dir itself" in msg and "nan_policy" in msg

@@ -137,7 +137,7 @@ def test_llama_architecture_trains(tiny_llama, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").config.model_type == "llama"
 
 
-def test_train_files_and_max_samples(tiny_qwen, tmp_path):
+def test_train_files_and_max_samples(tiny_qwen, tokenizer, tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
     cfg = CPTConfig(
@@ -146,15 +146,16 @@ def test_train_files_and_max_samples(tiny_qwen, tmp_path):
         max_length=16,
         train_files=[str(data)],
         max_samples=2,
-        max_steps=2,
+        num_train_epochs=1,
         logging_steps=1,
         per_device_train_batch_size=1,
     )
     trainer = CPTTrainer(cfg)
     trainer.train()
-    rec = _records(tmp_path / "o")[-1]
-    # two short documents fit in a few 16-token blocks; the whole corpus would need many more
-    assert rec["tokens_seen"] == 2 * 16
+    # one epoch of the first two documents (each + eos), in 16-token blocks, one block a step
+    n_tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in SAMPLE_TEXTS[:2])
+    assert trainer.state.step == math.ceil(n_tokens / 16)
+    assert trainer.state.tokens_seen == 16 * trainer.state.step
 
 
 # --- bad input: a clear error, and nothing written -----------------------------------------------

@@ -67,7 +67,20 @@ class CPTConfig:
     )
     eval_files: list[str] = _f([], "Held-out data for eval loss/perplexity, same formats.")
     eval_texts: list[str] = _f([], "Held-out texts given inline (added to eval_files).")
-    text_field: str = _f("text", "Field holding the document text in .jsonl records.")
+    text_field: str = _f("text", "Field holding the document text in .jsonl and .parquet records.")
+    txt_split: str = _f(
+        "file",
+        "How .txt/.md files split into documents: file (one each) or paragraph (blank lines).",
+    )
+    sources: list[dict] = _f(
+        [],
+        "Named training sources mixed by token share, e.g. domain text plus general replay: "
+        "a list of {name, files, weight, eval_files (optional), text_field (optional)}. "
+        "Use instead of train_files.",
+    )
+    skip_bad_records: bool = _f(
+        False, "Skip malformed records (bad JSON, bad UTF-8, missing field) and count them."
+    )
     max_length: int = _f(2048, "Tokens per packed training block (sequence length).")
     max_samples: int | None = _f(None, "Use at most this many training documents (None: all).")
     document_aware_packing: bool = _f(
@@ -135,6 +148,11 @@ class CPTConfig:
     use_gradient_checkpointing: bool = _f(
         True, "Recompute activations in backward: much less memory, about 30% more compute."
     )
+    gradient_checkpointing_every_n_layers: int = _f(
+        1,
+        "With use_gradient_checkpointing: checkpoint every k-th decoder layer. 1: all layers "
+        "(full); k > 1: selective, about 1/k of the recompute and 1/k of the memory savings.",
+    )
     use_bf16: bool = _f(
         True, "bf16 autocast (fp32 master weights) where the device supports it, else fp32."
     )
@@ -144,6 +162,16 @@ class CPTConfig:
         "[tokens x vocab] logits. Exact; off means the plain HF loss.",
     )
     loss_chunk_size: int = _f(1024, "Tokens per chunk of the fused/chunked loss.")
+    use_torch_compile: bool = _f(
+        False,
+        "torch.compile each decoder layer. Meant for CUDA (not measured on a GPU yet); on a "
+        "CPU it only adds compile time to the first step.",
+    )
+    peak_tflops: float | None = _f(
+        None,
+        "Override the device's bf16 peak TFLOP/s used for the logged MFU (None: the GPU's "
+        "datasheet figure; no MFU on a CPU or an unknown GPU).",
+    )
 
     # --- logging, eval, saving -------------------------------------------------------------------
     output_dir: str = _f("./cpt_output", "Where checkpoints, final/, best/ and metrics go.")
@@ -192,9 +220,14 @@ class CPTConfig:
             "logging_steps",
             "eval_steps",
             "loss_chunk_size",
+            "gradient_checkpointing_every_n_layers",
         ):
             v = getattr(self, name)
             need(v == AUTO or v >= 1, f"{name}: must be >= 1, got {v}")
+        need(
+            self.peak_tflops is None or (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)),
+            f"peak_tflops: must be > 0 or None, got {self.peak_tflops}",
+        )
         need(self.save_steps >= 0, f"save_steps: must be >= 0, got {self.save_steps}")
         need(
             self.save_total_limit is None or self.save_total_limit >= 1,
@@ -231,8 +264,28 @@ class CPTConfig:
             f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}",
         )
         need(self.resume_from_checkpoint != "", "resume_from_checkpoint: use None, not ''")
+        need(
+            self.lr_scheduler_type != "wsd" or self.warmup_ratio + self.wsd_decay_ratio <= 1.0,
+            f"warmup_ratio ({self.warmup_ratio}) + wsd_decay_ratio ({self.wsd_decay_ratio}) "
+            "conflict: together they exceed the whole run",
+        )
+        need(
+            self.resume_from_checkpoint is None
+            or self.resume_from_checkpoint == "auto"
+            or Path(self.resume_from_checkpoint).resolve() != Path(self.output_dir).resolve(),
+            "resume_from_checkpoint: points at output_dir itself; use auto, or a checkpoint-<step> folder",
+        )
         need(bool(self.output_dir), "output_dir: must not be empty")
         need(bool(self.text_field), "text_field: must not be empty")
+        need(
+            self.txt_split in ("file", "paragraph"),
+            f"txt_split: must be file or paragraph, got {self.txt_split!r}",
+        )
+        errors.extend(_source_errors(self.sources))
+        need(
+            not (self.sources and self.train_files),
+            "sources and train_files conflict: list the files of each source under sources",
+        )
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
@@ -292,6 +345,36 @@ class CPTConfig:
         return self.logging_dir or str(Path(self.output_dir) / "logs")
 
 
+def _source_errors(sources: list[dict]) -> list[str]:
+    errors, names = [], set()
+    allowed = {"name", "files", "weight", "eval_files", "text_field"}
+    for i, src in enumerate(sources):
+        where = f"sources[{i}]"
+        unknown = sorted(set(src) - allowed)
+        if unknown:
+            errors.append(f"{where}: unknown key(s) {unknown} (allowed: {sorted(allowed)})")
+        name = src.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            errors.append(f"{where}.name: required, a word without '/', got {name!r}")
+        elif name in names:
+            errors.append(f"{where}.name: {name!r} is used twice")
+        names.add(name)
+        for key in ("files", "eval_files"):
+            v = src.get(key, [] if key == "eval_files" else None)
+            if isinstance(v, str):
+                v = [v]
+            if (
+                not isinstance(v, list)
+                or not all(isinstance(x, str) for x in v)
+                or (key == "files" and not v)
+            ):
+                errors.append(f"{where}.{key}: expected a non-empty list of paths, got {v!r}")
+        w = src.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            errors.append(f"{where}.weight: must be a number > 0, got {w!r}")
+    return errors
+
+
 def field_help() -> dict[str, str]:
     """``{field name: help text}`` for every config field, in declaration order."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(CPTConfig)}
@@ -325,8 +408,10 @@ def _type_errors(cfg: CPTConfig) -> list[str]:
             elif typing.get_origin(t) is Literal:
                 ok = ok or (isinstance(value, str) and value in typing.get_args(t))
             elif typing.get_origin(t) is list:
+                item_type = typing.get_args(t)[0] if typing.get_args(t) else str
                 ok = ok or (
-                    isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                    isinstance(value, (list, tuple))
+                    and all(isinstance(v, item_type) for v in value)
                 )
                 if ok and isinstance(value, tuple):
                     setattr(cfg, name, list(value))

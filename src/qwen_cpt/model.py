@@ -165,6 +165,12 @@ def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers)
     else:
+        if every_n_layers != 1:
+            log.warning(
+                "gradient_checkpointing_every_n_layers=%d needs transformers' "
+                "activation_checkpointing_enable; this version checkpoints every layer",
+                every_n_layers,
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 

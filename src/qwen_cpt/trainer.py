@@ -8,7 +8,6 @@ output_dir. Any error before the last step leaves the disk untouched.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from .model import (
     resolve_runtime,
 )
 from .optim import Optimizers, build_optimizers
+from .perf import FlopsMeter, compile_decoder_layers
 from .schedule import lr_multiplier, warmup_steps_for
 from .tracking import Trackers, build_trackers
 
@@ -181,12 +181,7 @@ class CPTTrainer:
         cfg = self.config.validate()  # fields may have been assigned after construction
         train_texts = _check_texts(train_texts, "train_texts")
         eval_texts = _check_texts(eval_texts, "eval_texts")
-        train_files = D.expand_paths(cfg.train_files, "train_files")
-        eval_files = D.expand_paths(cfg.eval_files, "eval_files")
-        if not train_texts and not train_files:
-            raise D.DataError(
-                "nothing to train on: pass train_texts to train() or set train_files in the config"
-            )
+        train_specs, eval_specs = D.resolve_sources(cfg, train_texts, eval_texts)
         out = Path(cfg.output_dir)
         _check_writable(out)
         resume_dir = self._find_resume_checkpoint(out)
@@ -196,19 +191,37 @@ class CPTTrainer:
         tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
         self.tokenizer = load_tokenizer(tok_path, cfg.trust_remote_code)
 
-        train_blocks = self._blocks(train_texts, train_files, tok_path, cfg.max_samples)
-        if not train_blocks:
-            raise D.DataError("no training documents left: every input text is empty")
-        eval_blocks = self._blocks(list(cfg.eval_texts) + (eval_texts or []), eval_files, tok_path)
+        local_tok = tok_path if Path(tok_path).is_dir() else None
+        data = D.Mixture(
+            {
+                s.name: D.open_stream(s, self.tokenizer, cfg, local_tok, train=True)
+                for s in train_specs
+            },
+            {s.name: s.weight for s in train_specs},
+        )
+        try:
+            blocks_per_epoch = self._blocks_per_epoch(data)  # reads (and checks) the data
+            eval_sets = {
+                s.name: D.one_epoch(D.open_stream(s, self.tokenizer, cfg, None, train=False))
+                for s in eval_specs
+            }
+            return self._train_on(data, eval_sets, blocks_per_epoch, runtime, resume_dir, out)
+        finally:
+            data.close()
+
+    def _train_on(self, data, eval_sets, blocks_per_epoch, runtime, resume_dir, out) -> float:
+        cfg = self.config
 
         self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
         resumed = None
         if resume_dir is not None:
-            resumed = self._check_resume(resume_dir, train_blocks)
+            resumed = self._check_resume(resume_dir, data)
             self._load_weights(resume_dir)
         if cfg.use_gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
+            enable_activation_checkpointing(self.model, cfg.gradient_checkpointing_every_n_layers)
+        if cfg.use_torch_compile:
+            compile_decoder_layers(self.model)
         chunked = cfg.use_fused_loss and supports_chunked_loss(self.model)
         if cfg.use_fused_loss and not chunked:
             log.info(
@@ -217,6 +230,7 @@ class CPTTrainer:
         optimizers = build_optimizers(self.model, cfg)
         if resumed is not None:
             self._restore(resumed, optimizers)
+            data.load_state_dict(resumed["state"]["data"]["position"])
 
         # Only now, with every input checked, does anything touch the disk.
         out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +241,9 @@ class CPTTrainer:
         trackers = build_trackers(cfg, out)
         try:
             with self._catch_stop_signals():
-                return self._loop(runtime, optimizers, trackers, train_blocks, eval_blocks, chunked)
+                return self._loop(
+                    runtime, optimizers, trackers, data, eval_sets, blocks_per_epoch, chunked
+                )
         finally:
             trackers.close()
 
@@ -237,15 +253,19 @@ class CPTTrainer:
         runtime: Runtime,
         optimizers: Optimizers,
         trackers: Trackers,
-        train_blocks: list[D.Block],
-        eval_blocks: list[D.Block],
+        data: D.Mixture,
+        eval_sets: dict[str, list[D.Block]],
+        blocks_per_epoch: int,
         chunked: bool,
     ) -> float:
         cfg, model, st = self.config, self.model, self.state
         out = Path(cfg.output_dir)
-        steps_per_epoch = math.ceil(
-            math.ceil(len(train_blocks) / cfg.per_device_train_batch_size)
-            / cfg.gradient_accumulation_steps
+        steps_per_epoch = max(
+            1,
+            math.ceil(
+                math.ceil(blocks_per_epoch / cfg.per_device_train_batch_size)
+                / cfg.gradient_accumulation_steps
+            ),
         )
         total = (
             cfg.max_steps
@@ -253,15 +273,37 @@ class CPTTrainer:
             else math.ceil(steps_per_epoch * cfg.num_train_epochs)
         )
         warmup = warmup_steps_for(total, cfg.warmup_ratio)
-        self._log_setup(runtime, train_blocks, eval_blocks, total, steps_per_epoch, warmup)
-        self._data_fingerprint = _fingerprint(train_blocks)
+        self._log_setup(runtime, data, eval_sets, blocks_per_epoch, total, steps_per_epoch, warmup)
+        self._data = data
 
         def evaluate() -> None:
-            if not eval_blocks:
+            if not eval_sets:
                 return
-            loss = self._eval_loss(eval_blocks, runtime, chunked)
-            metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-            log.info("eval step %d: loss %.4f, perplexity %.2f", st.step, loss, metrics["eval_ppl"])
+            metrics, parts = {}, []
+            for name, blocks in eval_sets.items():
+                loss_sum, n = self._eval_loss(blocks, runtime, chunked)
+                parts.append((loss_sum, n))
+                if name not in ("eval", "eval_files") or len(eval_sets) > 1:
+                    metrics[f"eval_loss/{name}"] = loss_sum / max(1, n)
+                    metrics[f"eval_ppl/{name}"] = math.exp(min(loss_sum / max(1, n), 50.0))
+            # the overall eval loss: the general eval set if given, else all sets token-weighted
+            overall = [
+                p for name, p in zip(eval_sets, parts) if name in ("eval", "eval_files")
+            ] or parts
+            loss = sum(p[0] for p in overall) / max(1, sum(p[1] for p in overall))
+            metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **metrics}
+            per_source = ", ".join(
+                f"{k[len('eval_loss/') :]} {v:.4f}"
+                for k, v in metrics.items()
+                if k.startswith("eval_loss/")
+            )
+            log.info(
+                "eval step %d: loss %.4f, perplexity %.2f%s",
+                st.step,
+                loss,
+                metrics["eval_ppl"],
+                f" ({per_source})" if per_source else "",
+            )
             trackers.log(metrics, st.step)
             if st.step > 0 and (st.best_eval_loss is None or loss < st.best_eval_loss):
                 st.best_eval_loss = loss
@@ -275,8 +317,9 @@ class CPTTrainer:
             evaluate()
         bar = _progress(total, st.step)
         window = _Window()
+        flops = FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops)
         model.train()
-        for epoch, group, epoch_end in self._step_batches(train_blocks, total, steps_per_epoch):
+        for epoch, group, epoch_end in self._step_batches(data, total, steps_per_epoch):
             # 1) this step's learning rate: a pure function of the step (resume needs no state)
             mult = lr_multiplier(
                 st.step, total, warmup, cfg.lr_scheduler_type, cfg.min_lr_ratio, cfg.wsd_decay_ratio
@@ -324,6 +367,7 @@ class CPTTrainer:
                     "lr": cfg_lr(cfg) * mult,
                     "grad_norm": grad_norm,
                     "tokens_per_sec": window.tokens_per_sec,
+                    **flops.metrics(window.tokens_per_sec),
                     "tokens_seen": st.tokens_seen,
                     "memory_gb": memory_gb(runtime.device),
                 }
@@ -387,50 +431,50 @@ class CPTTrainer:
         )
 
     # --- data ----------------------------------------------------------------------------------
-    def _blocks(self, texts, files, tok_path: str, limit: int | None = None) -> list[D.Block]:
-        cfg = self.config
+    def _blocks_per_epoch(self, data: D.Mixture) -> int:
+        """Training blocks in one epoch of the first source, scaled up by the others' share.
 
-        def docs():
-            yield from texts or []
-            yield from D.read_documents(files, cfg.text_field)
-
-        return D.build_blocks(
-            D.take((t for t in docs() if t.strip()), limit),
-            self.tokenizer,
-            cfg.max_length,
-            cfg.document_aware_packing,
-            cfg.dataloader_num_workers,
-            tok_path if Path(tok_path).is_dir() else None,
-        )
+        In-memory texts, caches and files up to 16 MB are counted exactly by reading them once,
+        which also checks every record before the model loads. Larger inputs are estimated from
+        file sizes and a 1 MB sample; set max_steps to fix the length of such a run exactly.
+        """
+        primary = data.primary
+        if not hasattr(primary, "estimate_blocks") or primary.source.total_bytes() <= 16 << 20:
+            n = primary.count_blocks()
+        else:
+            n = primary.estimate_blocks()
+            log.info(
+                "data: about %s blocks per epoch in %s (estimated from file sizes; set max_steps "
+                "for an exact run length)",
+                f"{n:,}",
+                primary.name,
+            )
+        for stream in data.streams.values():  # the first records of every source must be usable
+            initial = stream.state_dict()
+            stream.next_block()
+            stream.load_state_dict(initial)
+        return max(1, math.ceil(n / data.shares[primary.name]))
 
     def _step_batches(
-        self, blocks: list[D.Block], total: int, steps_per_epoch: int
+        self, data: D.Mixture, total: int, steps_per_epoch: int
     ) -> Iterator[tuple[float, list[dict], bool]]:
         """Yield ``(epoch, micro-batches, epoch_ended)`` for each optimizer step from ``state.step``.
 
-        Each epoch visits every block once in an order fixed by ``seed`` and the epoch number,
-        so the data position is the step count alone: a resume jumps straight to it, with no
-        replay of earlier batches (HF Trainer's replay took 28 h in transformers #18649).
+        The blocks come from the data streams, whose small state (saved in checkpoints) is the
+        exact data position: a resume continues with the very next block, without replaying
+        earlier batches (HF Trainer's replay took 28 h in transformers #18649).
         """
         cfg = self.config
         bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        step = self.state.step
-        while step < total:
-            epoch, first = divmod(step, steps_per_epoch)
-            gen = torch.Generator().manual_seed(cfg.seed + epoch)
-            order = torch.randperm(len(blocks), generator=gen).tolist()
-            micro = [order[i : i + bs] for i in range(0, len(order), bs)]
-            for s in range(first, steps_per_epoch):
-                if step >= total:
-                    return
-                group = [
-                    D.collate([blocks[i] for i in m]) for m in micro[s * accum : (s + 1) * accum]
-                ]
-                step += 1
-                yield epoch + (s + 1) / steps_per_epoch, group, s == steps_per_epoch - 1
+        for step in range(self.state.step, total):
+            group = [D.collate([data.next_block() for _ in range(bs)]) for _ in range(accum)]
+            yield (step + 1) / steps_per_epoch, group, (step + 1) % steps_per_epoch == 0
 
     @torch.no_grad()
-    def _eval_loss(self, blocks: list[D.Block], runtime: Runtime, chunked: bool) -> float:
+    def _eval_loss(
+        self, blocks: list[D.Block], runtime: Runtime, chunked: bool
+    ) -> tuple[float, int]:
+        """(summed token loss, tokens) over ``blocks``."""
         model, bs = self.model, self.config.per_device_eval_batch_size
         model.eval()
         total, n = 0.0, 0
@@ -440,7 +484,7 @@ class CPTTrainer:
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
             with runtime.autocast:
                 total += lm_loss_sum(model, batch, chunked, self.config.loss_chunk_size).item()
-        return total / max(1, n)
+        return total, n
 
     # --- checkpoints and resume ----------------------------------------------------------------
     def _save_checkpoint(self, out: Path, optimizers: Optimizers) -> Path:
@@ -450,7 +494,7 @@ class CPTTrainer:
         cfg = self.config
         state = {
             **asdict(self.state),
-            "data": {"steps_done": self.state.step, "fingerprint": self._data_fingerprint},
+            "data": {"position": self._data.state_dict(), "fingerprint": self._data.identity()},
             "geometry": {k: getattr(cfg, k) for k in GEOMETRY_FIELDS},
             "rng": jsonable_rng(random.getstate(), _numpy_rng_state()),
         }
@@ -484,7 +528,7 @@ class CPTTrainer:
             raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not usable: {problem}")
         return path
 
-    def _check_resume(self, path: Path, train_blocks: list[D.Block]) -> dict:
+    def _check_resume(self, path: Path, data: D.Mixture) -> dict:
         """Refuse, before training, a resume that could not continue the same run exactly."""
         cfg = self.config
         state, optim_state, rng = load_training_state(path)
@@ -502,7 +546,7 @@ class CPTTrainer:
                     f"model {key}: the checkpoint has {saved_arch.get(key)!r}, "
                     f"{cfg.model_name_or_path} has {current.get(key)!r}"
                 )
-        fingerprint = _fingerprint(train_blocks)
+        fingerprint = data.identity()
         if state["data"]["fingerprint"] != fingerprint:
             problems.append(
                 f"training data: the checkpoint was trained on data with fingerprint "
@@ -586,7 +630,7 @@ class CPTTrainer:
                 signal.signal(s, h)
 
     def _log_setup(
-        self, runtime, train_blocks, eval_blocks, total, steps_per_epoch, warmup
+        self, runtime, data, eval_sets, blocks_per_epoch, total, steps_per_epoch, warmup
     ) -> None:
         cfg = self.config
         total_params, non_emb = count_parameters(self.model)
@@ -601,11 +645,12 @@ class CPTTrainer:
             else "fp32",
         )
         log.info(
-            "data: %d train blocks of %d tokens, %d eval blocks; %d steps (%d per epoch, "
+            "data: %s blocks of %d tokens per epoch (%s), eval sets %s; %d steps (%d per epoch, "
             "%d warmup), global batch %d x %d tokens",
-            len(train_blocks),
+            f"{blocks_per_epoch:,}",
             cfg.max_length,
-            len(eval_blocks),
+            ", ".join(f"{k} {v:.0%}" for k, v in data.shares.items()),
+            {k: len(v) for k, v in eval_sets.items()} or "none",
             total,
             steps_per_epoch,
             warmup,
@@ -652,14 +697,6 @@ def _write_report(out: Path) -> None:
         log.warning("could not write report.html: %s", exc)
 
 
-def _fingerprint(blocks: list[D.Block]) -> str:
-    """A short hash of the packed training data: a resume must see the same blocks."""
-    h = hashlib.sha256(str(len(blocks)).encode())
-    for b in blocks:
-        h.update(torch.tensor(b.input_ids, dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _numpy_rng_state():
     try:
         import numpy as np
@@ -687,6 +724,8 @@ def _check_texts(texts, what: str) -> list[str] | None:
         return None
     if isinstance(texts, str):
         raise D.DataError(f"{what}: expected a list of texts, got a single string")
+    if type(texts).__module__.startswith("datasets"):  # a datasets (Iterable)Dataset streams as is
+        return texts
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):

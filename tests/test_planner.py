@@ -1,0 +1,525 @@
+"""The CPT planner: parameter counts, FLOPs, lr/batch rules, memory, `qwen-cpt plan`, auto values.
+
+Expected numbers are computed by hand in the comments, not by calling the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qwen_cpt.cli import build_parser, main
+from qwen_cpt.config import ConfigError, CPTConfig
+from qwen_cpt.planner import (
+    QWEN25_SHAPES,
+    GiB,
+    ModelShape,
+    PlannerError,
+    batch_deepseek,
+    batch_spec,
+    batch_step_law,
+    batch_step_law_for_steps,
+    count_params,
+    estimate_memory,
+    estimate_seconds,
+    flops_per_token,
+    load_shape,
+    lookup_gpu,
+    lookup_shape,
+    lr_deepseek,
+    lr_spec,
+    lr_step_law,
+    max_micro_batch,
+    recommend_lr,
+    resolve_auto,
+    split_batch,
+)
+
+# h 64, I 176, 2 layers, 4 heads (d 16), 2 kv heads, vocab 1000, tied, q/k/v biases (Qwen2)
+SMALL = ModelShape(
+    hidden_size=64,
+    intermediate_size=176,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+    head_dim=16,
+    qkv_bias=True,
+)
+# per layer: q 64*64 + k,v 2*64*32 + o 64*64 = 12288 weights, biases 64+32+32 = 128,
+# MLP 3*64*176 = 33792, two norms 128  -> 46336; x2 + final norm 64 = 92736 non-embedding
+SMALL_NON_EMB = 92736
+SMALL_TOTAL = 92736 + 1000 * 64  # tied: the embedding counted once
+
+
+def _qwen2_config_dict(shape: ModelShape) -> dict:
+    return {
+        "model_type": "qwen2",
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "vocab_size": shape.vocab_size,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+    }
+
+
+# --- parameter counts ------------------------------------------------------------------------------
+
+
+def test_qwen25_7b_counts_match_the_published_figures():
+    p = count_params(QWEN25_SHAPES["Qwen/Qwen2.5-7B"])
+    assert p.total == pytest.approx(7.62e9, rel=0.01)
+    assert p.non_embedding == pytest.approx(6.53e9, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "hub_id, total, non_emb",  # Qwen2.5 technical report, Table 1 / model cards
+    [
+        ("Qwen/Qwen2.5-0.5B", 0.49e9, 0.36e9),
+        ("Qwen/Qwen2.5-1.5B", 1.54e9, 1.31e9),
+        ("Qwen/Qwen2.5-3B", 3.09e9, 2.77e9),
+        ("Qwen/Qwen2.5-14B", 14.7e9, 13.1e9),
+        ("Qwen/Qwen2.5-32B", 32.5e9, 31.0e9),
+        ("Qwen/Qwen2.5-72B", 72.7e9, 70.0e9),
+    ],
+)
+def test_every_qwen25_size_is_within_one_percent_of_its_report(hub_id, total, non_emb):
+    p = count_params(QWEN25_SHAPES[hub_id])
+    assert p.total == pytest.approx(total, rel=0.01)
+    assert p.non_embedding == pytest.approx(non_emb, rel=0.01)
+
+
+def test_small_shape_counts_by_hand():
+    p = count_params(SMALL)
+    assert p.non_embedding == SMALL_NON_EMB
+    assert p.total == SMALL_TOTAL
+    assert p.lm_head == 0
+    assert p.matrices == 2 * (12288 + 33792)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_counts_from_hf_config_equal_the_real_module(arch):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from qwen_cpt.model import count_parameters
+
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    config = (
+        Qwen2Config(tie_word_embeddings=True, **kw)
+        if arch == "qwen2"
+        else LlamaConfig(tie_word_embeddings=False, **kw)
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for source in (config, config.to_dict()):  # a PretrainedConfig or a config.json mapping
+        p = count_params(ModelShape.from_config(source))
+        assert (p.total, p.non_embedding) == count_parameters(model)
+
+
+def test_shape_from_config_matches_the_builtin_table():
+    shape = QWEN25_SHAPES["Qwen/Qwen2.5-7B"]
+    assert ModelShape.from_config(_qwen2_config_dict(shape)) == shape
+
+
+def test_shape_rejects_moe_and_incomplete_configs():
+    with pytest.raises(PlannerError, match="mixture-of-experts"):
+        ModelShape.from_config({**_qwen2_config_dict(SMALL), "num_experts": 8})
+    bad = _qwen2_config_dict(SMALL)
+    del bad["intermediate_size"]
+    with pytest.raises(PlannerError, match="intermediate_size"):
+        ModelShape.from_config(bad)
+
+
+def test_lookup_accepts_instruct_and_short_ids():
+    shape = QWEN25_SHAPES["Qwen/Qwen2.5-7B"]
+    assert lookup_shape("Qwen/Qwen2.5-7B-Instruct") == shape
+    assert lookup_shape("qwen2.5-7b") == shape
+    assert lookup_shape("meta-llama/Llama-3-8B") is None
+    with pytest.raises(PlannerError, match="model_name_or_path: 'org/unknown'"):
+        load_shape("org/unknown")
+
+
+def test_load_shape_reads_a_local_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_qwen2_config_dict(SMALL)))
+    shape, source = load_shape(str(tmp_path))
+    assert shape == SMALL
+    assert source.endswith("config.json")
+
+
+# --- FLOPs and time --------------------------------------------------------------------------------
+
+
+def test_flops_per_token_small_by_hand():
+    # N_matmul = 92736 non-embedding + 1000*64 head = 156736 -> 6N = 940416;
+    # attention 6 * L 2 * H 4 * (16 + 16) * S 128 = 196608
+    assert flops_per_token(SMALL, 128) == 940416 + 196608
+
+
+def test_flops_per_token_gives_reference_throughput_targets():
+    # REFERENCE.md: on one H200 at 50% of 790 TFLOP/s, 7B at 4k -> 8.3k tok/s, 0.5B -> 98k
+    achieved = 0.5 * 790e12
+    assert achieved / flops_per_token(QWEN25_SHAPES["Qwen/Qwen2.5-7B"], 4096) == pytest.approx(
+        8.3e3, rel=0.01
+    )
+    assert achieved / flops_per_token(QWEN25_SHAPES["Qwen/Qwen2.5-0.5B"], 4096) == pytest.approx(
+        98e3, rel=0.01
+    )
+
+
+def test_estimate_seconds_by_hand():
+    # 1e9 tokens * 4.736e10 FLOP / (8 * 989e12 * 0.4) = 14964.6 s
+    assert estimate_seconds(1e9, 4.736e10, 8, 989.0, 0.4) == pytest.approx(14964.6, rel=1e-4)
+    with pytest.raises(PlannerError, match="mfu"):
+        estimate_seconds(1e9, 4.736e10, 8, 989.0, 1.5)
+
+
+def test_gpu_table_lookup():
+    assert lookup_gpu("h100").peak_tflops == 989.0
+    assert lookup_gpu("RTX 4090").peak_tflops == 165.0
+    assert lookup_gpu("A100").peak_tflops == 312.0
+    with pytest.raises(PlannerError, match="--gpu: unknown GPU 'V100'"):
+        lookup_gpu("V100")
+
+
+# --- learning rate and batch -----------------------------------------------------------------------
+
+
+def test_spec_lr_rule():
+    assert lr_spec(7e9) == pytest.approx(5e-5, rel=1e-12)
+    assert lr_spec(14e9) == pytest.approx(
+        5e-5 * 2**-0.25, rel=1e-12
+    )  # 4.2e-5, not the table's 3e-5
+
+
+def test_step_law_values():
+    # 1.79 * 6.53e9^-0.713 * 1e10^0.307 = 2.1126e-4 ; 0.58 * 1e10^0.571 = 297459.6 tokens
+    assert lr_step_law(6.53e9, 1e10) == pytest.approx(2.1126e-4, rel=1e-4)
+    assert batch_step_law(1e10) == pytest.approx(297459.6, rel=1e-6)
+
+
+def test_deepseek_and_spec_batch_values():
+    # 0.3118 * 1e20^-0.125 = 9.86e-4 ; 0.2920 * 1e20^0.3271 = 1.0171e6 ; (7e9 * 1e10)^0.4
+    assert lr_deepseek(1e20) == pytest.approx(9.86e-4, rel=1e-3)
+    assert batch_deepseek(1e20) == pytest.approx(1.0171e6, rel=1e-4)
+    assert batch_spec(7e9, 1e10) == pytest.approx((7e19) ** 0.4)
+
+
+def test_recommended_lr_is_spec_capped_by_step_law():
+    n_total, n_non_emb = 7.62e9, 6.53e9
+    lr, rule = recommend_lr(n_total, n_non_emb, 1e10)
+    assert lr == lr_spec(n_total) and rule.startswith("spec")
+    # with 1e5 tokens Step Law gives 2.1126e-4 * 1e-5^0.307 = 6.2e-6, below the spec rule
+    lr, rule = recommend_lr(n_total, n_non_emb, 1e5)
+    assert lr == pytest.approx(6.16e-6, rel=0.01) and rule.startswith("Step Law")
+
+
+def test_rules_reject_non_positive_inputs():
+    with pytest.raises(PlannerError, match="tokens: must be a positive number, got 0"):
+        lr_step_law(1e9, 0)
+
+
+def test_batch_for_fixed_steps_is_step_laws_fixed_point():
+    b = batch_step_law_for_steps(1000)
+    assert batch_step_law(1000 * b) == pytest.approx(b, rel=1e-9)
+
+
+def test_split_batch():
+    # 65536 tokens / 2048 / 2 devices = 16 sequences each
+    assert split_batch(65536, 2048, 2, 4) == (4, 4)
+    assert split_batch(65536, 2048, 2, 5) == (4, 4)  # 5 x 4 would overshoot: evened to 4 x 4
+    assert split_batch(10 * 2048, 2048, 1, 8) == (5, 2)
+    assert split_batch(100, 2048, 4, 8) == (1, 1)  # at least one sequence per device
+
+
+def test_max_micro_batch_bisects():
+    assert max_micro_batch(lambda m: m <= 7, 64) == 7
+    assert max_micro_batch(lambda m: False, 64) == 1
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+def test_memory_components_small_cpu_fp32_by_hand():
+    est = estimate_memory(
+        SMALL,
+        micro_batch=8,
+        seq_len=8,
+        optimizer="adamw",
+        checkpointing="none",
+        bf16=False,
+        chunked_loss=False,
+        device="cpu",
+    )
+    c = est.components
+    assert c["weights"] == 4 * SMALL_TOTAL == 626944
+    assert c["grads"] == 626944
+    assert c["optimizer"] == 8 * SMALL_TOTAL == 1253888
+    assert c["optimizer_step_temp"] == 8 * 64000  # two buffers of the embedding, the largest
+    # fp32, per token and layer: norms 2*(4+4)*64 = 1024; q,k,v 4*(64+64) + output and its copy
+    # 2*4*64 + lse 4*4 = 1040; MLP 4*4*176 = 2816 -> 4880; x2 layers + final norm 512 = 10272;
+    # x 64 tokens + the bool mask 8 sequences x 8 x 8
+    assert c["activations"] == 10272 * 64 + 8 * 64
+    assert c["logits"] == 12 * 1000 * 64
+    assert c["weight_copies"] == 0 and c["overhead"] == 0
+    # one micro-batch per step: weights + optimizer + max(acts + logits, grads + step temp)
+    assert est.peak == 626944 + 1253888 + max(657920 + 768000, 626944 + 512000)
+    accum = estimate_memory(
+        SMALL,
+        micro_batch=8,
+        seq_len=8,
+        gradient_accumulation_steps=4,
+        checkpointing="none",
+        bf16=False,
+        chunked_loss=False,
+        device="cpu",
+    )
+    assert accum.peak == 626944 * 2 + 1253888 + 657920 + 768000  # grads held through forward
+
+
+def test_memory_components_small_cuda_bf16_muon_by_hand():
+    est = estimate_memory(
+        SMALL,
+        micro_batch=2,
+        seq_len=8,
+        optimizer="muon",
+        checkpointing="full",
+        bf16=True,
+        chunked_loss=True,
+        loss_chunk_size=4,
+        device="cuda",
+    )
+    c = est.components
+    # Muon: 4 B on the 92160 hidden-matrix params, 8 B on the other 64576
+    assert c["optimizer"] == 4 * 92160 + 8 * 64576
+    assert c["optimizer_step_temp"] == 4 * 64576  # foreach AdamW buffer for its group
+    assert c["weight_copies"] == 2 * (92160 + 64000)  # bf16 copies of matrices and the head
+    # bf16: norm 2*4*64 + 2*64 = 640; full checkpointing keeps 4*64 per layer, recomputes one
+    # layer (2*640 + 2*128 + 2*2*64 + 16 + 4*2*176 = 3216) and the final norm 640
+    assert c["activations"] == (2 * 4 * 64 + 3216 + 640) * 16
+    assert c["logits"] == 12 * 1000 * 4 + 4 * 1000 * 64  # one chunk + the head's grad buffer
+    assert c["overhead"] == 1 * GiB
+
+
+def test_fsdp_shards_the_states():
+    one = estimate_memory(SMALL, micro_batch=1, seq_len=8).components
+    four = estimate_memory(SMALL, micro_batch=1, seq_len=8, world_size=4).components
+    for k in ("weights", "grads", "optimizer"):
+        assert four[k] == one[k] / 4
+    assert four["activations"] == one["activations"]
+
+
+def test_checkpointing_orders_activation_memory():
+    def acts(mode):
+        return estimate_memory(
+            QWEN25_SHAPES["Qwen/Qwen2.5-7B"], micro_batch=1, seq_len=4096, checkpointing=mode
+        ).components["activations"]
+
+    assert acts("full") < acts("selective") < acts("none")
+    with pytest.raises(PlannerError, match="checkpointing"):
+        acts("some")
+
+
+def test_7b_adamw_states_are_16_bytes_per_param():
+    # REFERENCE.md: AdamW with fp32 states and master weights, about 16 B/param = 113 GiB at 7B
+    c = estimate_memory(QWEN25_SHAPES["Qwen/Qwen2.5-7B"], micro_batch=1, seq_len=2048).components
+    assert (c["weights"] + c["grads"] + c["optimizer"]) / GiB == pytest.approx(113.5, rel=0.01)
+
+
+# --- `qwen-cpt plan` -------------------------------------------------------------------------------
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "cpt.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("hub_id", sorted(QWEN25_SHAPES))
+def test_plan_works_offline_for_every_qwen25_size(tmp_path, capsys, hub_id):
+    cfg = _yaml(tmp_path, f"model_name_or_path: {hub_id}\n")
+    assert main(["plan", cfg, "--tokens", "1e9", "--gpus", "8", "--gpu", "H100"]) == 0
+    text = capsys.readouterr().out
+    assert "peak" in text and "learning rate" in text and "time" in text
+
+    assert main(["plan", cfg, "--tokens", "1e9", "--gpus", "8", "--gpu", "H100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"]["params_total"] == count_params(QWEN25_SHAPES[hub_id]).total
+    assert plan["batch"]["devices"] == 8
+    assert plan["memory"]["fits"] in (True, False)
+    assert plan["memory"]["fits"] or plan["memory"]["suggestions"]
+
+
+def test_plan_resolves_auto_and_counts_steps(tmp_path, capsys):
+    cfg = _yaml(
+        tmp_path,
+        "model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nmax_length: 4096\nnum_train_epochs: 1\n"
+        "learning_rate: auto\nper_device_train_batch_size: auto\n"
+        "gradient_accumulation_steps: auto\nwarmup_ratio: 0.03\n",
+    )
+    assert main(["plan", cfg, "--tokens", "1e9", "--gpus", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    lr, batch, steps = plan["learning_rate"], plan["batch"], plan["steps"]
+    assert lr["value"] == pytest.approx(
+        lr_spec(count_params(QWEN25_SHAPES["Qwen/Qwen2.5-7B"]).total)
+    )
+    # Step Law: 0.58 * 1e9^0.571 = 79,878 tokens -> round(79878 / 4096 / 8) = 2 sequences each
+    assert batch["global_sequences"] == 16 and batch["global_tokens"] == 16 * 4096
+    # 1e9 tokens -> 244141 blocks -> 30518 per device -> 15259 micro-batches of 2 -> steps
+    assert steps["total"] == 15259
+    assert steps["warmup"] == math.ceil(15259 * 0.03)
+    assert plan["memory"]["fits"] is True
+
+
+def test_plan_estimates_tokens_from_train_files(tmp_path, capsys):
+    (tmp_path / "data.txt").write_text("x" * 36_000)
+    cfg = _yaml(tmp_path, f"model_name_or_path: Qwen/Qwen2.5-0.5B\ntrain_files: [{tmp_path}]\n")
+    assert main(["plan", cfg, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["data"]["tokens_per_epoch"] == 10_000  # 36,000 bytes / 3.6
+    assert "estimated" in plan["data"]["tokens_source"]
+
+
+def test_plan_reads_a_local_model_directory(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(_qwen2_config_dict(SMALL)))
+    cfg = _yaml(tmp_path, f"model_name_or_path: {model_dir}\n")
+    assert main(["plan", cfg, "--tokens", "1e6", "--gpu-memory", "24", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"]["params_total"] == SMALL_TOTAL
+    assert plan["memory"]["capacity_gib"] == 24
+
+
+def test_plan_says_what_to_change_when_it_does_not_fit(tmp_path, capsys):
+    cfg = _yaml(
+        tmp_path,
+        "model_name_or_path: Qwen/Qwen2.5-7B\nuse_gradient_checkpointing: false\n"
+        "use_fused_loss: false\nper_device_train_batch_size: 8\n",
+    )
+    assert main(["plan", cfg, "--tokens", "1e9", "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out
+    assert "use_fused_loss: true" in out and "use_gradient_checkpointing: true" in out
+    assert "--gpus" in out  # 7B with AdamW needs 113 GiB of states: only sharding fits
+
+
+@pytest.mark.parametrize(
+    "yaml_text, args, message",
+    [
+        ("model_name_or_path: Qwen/Qwen2.5-7B\n", [], "--tokens: required"),
+        ("model_name_or_path: org/unknown\n", ["--tokens", "1e9"], "model_name_or_path"),
+        ("model_name_or_path: Qwen/Qwen2.5-7B\n", ["--tokens", "1e9", "--gpu", "V100"], "V100"),
+        ("model_name_or_path: Qwen/Qwen2.5-7B\n", ["--tokens", "-5"], "tokens"),
+        ("model_name_or_path: Qwen/Qwen2.5-7B\n", ["--tokens", "1e9", "--gpus", "0"], "--gpus"),
+    ],
+)
+def test_plan_errors_name_the_input(tmp_path, capsys, yaml_text, args, message):
+    assert main(["plan", _yaml(tmp_path, yaml_text), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+# --- "auto" in CPTConfig ---------------------------------------------------------------------------
+
+
+def test_config_accepts_auto_and_rejects_other_strings():
+    cfg = CPTConfig(
+        model_name_or_path="m",
+        learning_rate="auto",
+        per_device_train_batch_size="auto",
+        gradient_accumulation_steps="auto",
+    )
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size) == ("auto", "auto")
+    with pytest.raises(ConfigError, match="learning_rate: expected float or auto, got 'fast'"):
+        CPTConfig(model_name_or_path="m", learning_rate="fast")
+    with pytest.raises(ConfigError, match="per_device_train_batch_size: expected int or auto"):
+        CPTConfig(model_name_or_path="m", per_device_train_batch_size="fast")
+
+
+def test_numeric_values_behave_as_before():
+    cfg = CPTConfig(model_name_or_path="m", learning_rate=5e-5)
+    assert cfg.learning_rate == 5e-5 and isinstance(cfg.learning_rate, float)
+    assert isinstance(CPTConfig(model_name_or_path="m", learning_rate=1).learning_rate, float)
+    with pytest.raises(ConfigError, match="learning_rate: must be > 0"):
+        CPTConfig(model_name_or_path="m", learning_rate=0.0)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: must be >= 1"):
+        CPTConfig(model_name_or_path="m", gradient_accumulation_steps=0)
+
+
+def test_yaml_and_cli_flags_accept_auto(tmp_path):
+    cfg = CPTConfig.from_yaml(
+        _yaml(tmp_path, "model_name_or_path: m\nlearning_rate: auto\n"),
+        {"gradient_accumulation_steps": "auto"},
+    )
+    assert cfg.learning_rate == "auto" and cfg.gradient_accumulation_steps == "auto"
+    args = build_parser().parse_args(
+        ["train", "--learning_rate", "auto", "--per-device-train-batch-size", "AUTO"]
+    )
+    assert args.learning_rate == "auto" and args.per_device_train_batch_size == "auto"
+    args = build_parser().parse_args(["train", "--learning_rate", "3e-5"])
+    assert args.learning_rate == 3e-5
+
+
+# --- resolve_auto ----------------------------------------------------------------------------------
+
+
+def test_resolve_auto_returns_only_auto_fields():
+    cfg = CPTConfig(model_name_or_path="m", learning_rate="auto")
+    out = resolve_auto(cfg, _qwen2_config_dict(SMALL), n_train_tokens=10**6, device_memory_gb=8)
+    assert set(out) == {"learning_rate"}
+    lr, rule = out["learning_rate"]
+    # num_train_epochs defaults to 3: D = 3e6 tokens trained
+    assert lr == recommend_lr(SMALL_TOTAL, SMALL_NON_EMB, 3e6)[0]
+    assert "N = " in rule and "D = 3e+06" in rule
+    assert resolve_auto(CPTConfig(model_name_or_path="m"), _qwen2_config_dict(SMALL), 10**6) == {}
+
+
+def test_resolve_auto_batch_from_step_law_and_memory():
+    cfg = CPTConfig(
+        model_name_or_path="m",
+        max_length=256,
+        num_train_epochs=1,
+        per_device_train_batch_size="auto",
+        gradient_accumulation_steps="auto",
+    )
+    # Step Law for D = 1e8: 0.58 * 1e8^0.571 = 21,450 tokens -> round(21450 / 256) = 84 sequences
+    out = resolve_auto(cfg, _qwen2_config_dict(SMALL), n_train_tokens=10**8, device_memory_gb=64)
+    micro, accum = out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]
+    assert (micro, accum) == (84, 1)
+    # on 2 devices, 42 sequences each; with too little memory the micro-batch shrinks
+    out = resolve_auto(cfg, _qwen2_config_dict(SMALL), 10**8, world_size=2, device_memory_gb=0.03)
+    micro, accum = out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]
+    assert micro < 42 and micro * accum >= 42 and micro * (accum - 1) < 42
+
+
+def test_resolve_auto_with_a_loaded_model_and_fixed_micro_batch():
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(**_qwen2_config_dict(SMALL)), dtype=torch.float32
+    )
+    cfg = CPTConfig(
+        model_name_or_path="m",
+        max_length=256,
+        max_steps=1000,
+        learning_rate="auto",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps="auto",
+    )
+    out = resolve_auto(cfg, model, n_train_tokens=10**7)
+    # max_steps 1000: B = (0.58 * 1000^0.571)^(1/0.429) = 2,764 tokens -> 11 sequences -> 3 x 4
+    assert out["gradient_accumulation_steps"][0] == 3
+    assert isinstance(out["learning_rate"][0], float)
+    assert set(out) == {"learning_rate", "gradient_accumulation_steps"}
