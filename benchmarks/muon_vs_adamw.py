@@ -57,6 +57,7 @@ EOS = 151643
 SEQ, BATCH = 128, 4
 MODEL = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=176)
 WIDE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408)
+EVAL_BLOCKS = 8  # held-out blocks per domain: 1,024 tokens
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -101,7 +102,7 @@ def load_data(tokenizer, need_train_blocks: int):
             if sum(map(len, train_ids)) > (need_train_blocks + 2) * SEQ * 1.1:
                 break
         blocks = pack(train_ids, SEQ)
-        ev = pack([tokenizer(t)["input_ids"] for t in eval_docs], SEQ)[:16]
+        ev = pack([tokenizer(t)["input_ids"] for t in eval_docs], SEQ)[:EVAL_BLOCKS]
         out[kind] = (blocks, ev)
     return out
 
@@ -233,9 +234,10 @@ def plot(runs, keys, title, path):
 # --- optimizer step cost -----------------------------------------------------------------------------
 
 
-def step_cost(model_dir: str, reps: int) -> dict:
+def step_cost(model_dir: str, reps: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     out = {}
     for kind in ("adamw", "muon"):
@@ -262,11 +264,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few steps each: a smoke run")
     ap.add_argument("--out", default=str(RESULTS), help="where the JSON and PNGs go")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the training runs (default 1: on a shared 2-core machine, "
+        "OpenMP barriers of small ops stall when other processes hold the cores)",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     scratch_steps, pre_steps, cont_steps = (6, 6, 4) if args.quick else (48, 48, 32)
     scratch_every, cont_every = (3, 2) if args.quick else (6, 4)
-    scratch_lrs = [1e-3, 3e-3, 1e-2]
-    cont_lrs = [1e-4, 3e-4, 1e-3]
+    scratch_lrs = [3e-3, 1e-2, 3e-2]
+    cont_lrs = [3e-4, 1e-3, 3e-3]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -308,9 +318,9 @@ def main() -> int:
                     scratch_every,
                 )
 
-        print(f"\n## (ii) pretrain on prose (AdamW 3e-3, {pre_steps} steps), continue on code")
+        print(f"\n## (ii) pretrain on prose (AdamW 1e-2, {pre_steps} steps), continue on code")
         pre_curve = train(
-            model, init, "adamw", 3e-3, prose_train, pre_steps, {"prose": prose_eval}, pre_steps
+            model, init, "adamw", 1e-2, prose_train, pre_steps, {"prose": prose_eval}, pre_steps
         )
         pretrained = {k: v.clone() for k, v in model.state_dict().items()}
         cont = {}
@@ -327,10 +337,17 @@ def main() -> int:
                     cont_every,
                 )
 
-        print("\n## optimizer.step() alone (median of repeats)")
-        costs = {"bench model": step_cost(model_dir, 3 if args.quick else 10)}
+        print("\n## optimizer.step() alone (median of repeats)", flush=True)
         wide_dir = str(make_tiny_model(Path(tmp) / "wide", seed=0, **WIDE))
-        costs["hidden 512 x 8 layers"] = step_cost(wide_dir, 2 if args.quick else 5)
+        costs = {}
+        for threads in sorted({1, os.cpu_count() or 1}):
+            costs[f"bench model, {threads} thread(s)"] = step_cost(
+                model_dir, 3 if args.quick else 10, threads
+            )
+            costs[f"hidden 512 x 8 layers, {threads} thread(s)"] = step_cost(
+                wide_dir, 2 if args.quick else 5, threads
+            )
+        load_after_costs = os.getloadavg()[0]
 
     res_scratch = compare(scratch, "code")
     res_cont = compare(cont, "code")
@@ -358,9 +375,7 @@ def main() -> int:
             f"| {name} | {r['best_lr']['adamw']:.0e} | {r['best_lr']['muon']:.0e} | "
             f"{r['final_loss']['adamw']:.3f} | {r['final_loss']['muon']:.3f} | "
             f"{r['target_loss']:.3f} | {t['adamw'] or float('nan'):,.0f} | "
-            f"{t['muon'] or float('nan'):,.0f} | "
-            + (f"{ratio:.2f}x" if ratio else "n/a")
-            + " |"
+            f"{t['muon'] or float('nan'):,.0f} | " + (f"{ratio:.2f}x" if ratio else "n/a") + " |"
         )
 
     print(f"\n## Summary ({elapsed / 60:.1f} min, model {n_total:,} parameters)\n")
@@ -376,6 +391,7 @@ def main() -> int:
         f"continuing on code: AdamW {forgetting['adamw']:.3f}, Muon {forgetting['muon']:.3f} "
         "(best lr of each)"
     )
+    print(f"\nStep cost measured at load average {load_after_costs:.1f} (1-min, 2 cores).")
     print("\n| model | parameters | in Muon | AdamW step | Muon step | Muon/AdamW |")
     print("|---|---|---|---|---|---|")
     for name, c in costs.items():

@@ -267,14 +267,15 @@ def test_memory_components_small_cpu_fp32_by_hand():
     assert c["grads"] == 626944
     assert c["optimizer"] == 8 * SMALL_TOTAL == 1253888
     assert c["optimizer_step_temp"] == 8 * 64000  # two buffers of the embedding, the largest
-    # fp32, per token and layer: norms 2*(4+4)*64 = 1024; q,k,v 4*(64+64) + output and its copy
-    # 2*4*64 + lse 4*4 = 1040; MLP 4*4*176 = 2816 -> 4880; x2 layers + final norm 512 = 10272;
-    # x 64 tokens + the bool mask 8 sequences x 8 x 8
-    assert c["activations"] == 10272 * 64 + 8 * 64
+    # fp32 on CPU: SDPA gets the packed block-causal mask. Per token and layer: each norm
+    # (4+4+4)*64 = 768; q, k and v expanded to 4 heads, output: 4*(64+64+64+64) = 1024, lse 4*4,
+    # the mask saved per layer 4*8 -> 1072; MLP 4*4*176 = 2816 -> 2*768 + 1072 + 2816 = 5424;
+    # x2 layers + final norm 768 + the bool mask 8 = 11624 per token, x 64 tokens
+    assert c["activations"] == 11624 * 64
     assert c["logits"] == 12 * 1000 * 64
     assert c["weight_copies"] == 0 and c["overhead"] == 0
     # one micro-batch per step: weights + optimizer + max(acts + logits, grads + step temp)
-    assert est.peak == 626944 + 1253888 + max(657920 + 768000, 626944 + 512000)
+    assert est.peak == 626944 + 1253888 + max(743936 + 768000, 626944 + 512000)
     accum = estimate_memory(
         SMALL,
         micro_batch=8,
@@ -285,7 +286,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
         chunked_loss=False,
         device="cpu",
     )
-    assert accum.peak == 626944 * 2 + 1253888 + 657920 + 768000  # grads held through forward
+    assert accum.peak == 626944 * 2 + 1253888 + 743936 + 768000  # grads held through forward
 
 
 def test_memory_components_small_cuda_bf16_muon_by_hand():
@@ -305,9 +306,10 @@ def test_memory_components_small_cuda_bf16_muon_by_hand():
     assert c["optimizer"] == 4 * 92160 + 8 * 64576
     assert c["optimizer_step_temp"] == 4 * 64576  # foreach AdamW buffer for its group
     assert c["weight_copies"] == 2 * (92160 + 64000)  # bf16 copies of matrices and the head
-    # bf16: norm 2*4*64 + 2*64 = 640; full checkpointing keeps 4*64 per layer, recomputes one
-    # layer (2*640 + 2*128 + 2*2*64 + 16 + 4*2*176 = 3216) and the final norm 640
-    assert c["activations"] == (2 * 4 * 64 + 3216 + 640) * 16
+    # bf16, flash-attn (no mask, native GQA): norm 2*4*64 + 2*64 = 640; full checkpointing keeps
+    # 4*64 per layer, recomputes one layer (2*640 + 2*(64+32+32+64) + 16 + 4*2*176 = 3088) and
+    # the final norm 640
+    assert c["activations"] == (2 * 4 * 64 + 3088 + 640) * 16
     assert c["logits"] == 12 * 1000 * 4 + 4 * 1000 * 64  # one chunk + the head's grad buffer
     assert c["overhead"] == 1 * GiB
 

@@ -251,3 +251,18 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_qwen, tmp_path):
     with pytest.raises(TrainingError, match="non-finite .* at step 2"):
         CPTTrainer(cfg).train(SAMPLE_TEXTS)
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_auto_learning_rate_and_batch_train_end_to_end(tiny_qwen, tmp_path):
+    out = tmp_path / "auto"
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(out), max_length=32,
+                    learning_rate="auto", per_device_train_batch_size="auto",
+                    gradient_accumulation_steps="auto", max_steps=2, logging_steps=1)
+    loss = CPTTrainer(cfg).train(SAMPLE_TEXTS)
+    assert math.isfinite(loss)
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert isinstance(saved["learning_rate"], float) and saved["learning_rate"] > 0
+    assert isinstance(saved["per_device_train_batch_size"], int)
+    assert isinstance(saved["gradient_accumulation_steps"], int)

@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus once into a memory-mapped cache that train_files can name",
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (or the model's)")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--output", required=True, help="cache directory to create")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer worker processes")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet records")
+    p.add_argument("--txt-split", choices=["file", "paragraph"], default="file")
+    p.add_argument("--skip-bad-records", action="store_true")
+
     p = sub.add_parser("train", help="train from a YAML config, with optional field overrides")
     p.add_argument("config", nargs="?", help="YAML file of CPTConfig fields")
     add_config_flags(p)
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, OSError) as exc:  # bad config, missing or unwritable paths
         print(f"qwen-cpt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -141,10 +153,37 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingInterrupted):  # documented: 128 + signal (143 for SIGTERM)
             print(f"qwen-cpt: {exc}", file=sys.stderr)
             return 128 + exc.signum
-        if isinstance(exc, (DataError, ModelLoadError, TrainingError, CheckpointError)):
+        from .optim import OptimizerSetupError
+
+        if isinstance(
+            exc, (DataError, ModelLoadError, TrainingError, CheckpointError, OptimizerSetupError)
+        ):
             print(f"qwen-cpt: error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .cache import prepare
+    from .model import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    m = prepare(
+        args.input,
+        args.output,
+        tokenizer,
+        args.tokenizer,
+        workers=args.workers,
+        text_field=args.text_field,
+        txt_split=args.txt_split,
+        skip_bad_records=args.skip_bad_records,
+    )
+    skipped = f", skipped {m['skipped_records']:,} bad records" if m["skipped_records"] else ""
+    print(
+        f"prepared {args.output}: {m['total_docs']:,} documents, {m['total_tokens']:,} tokens "
+        f"in {m['seconds']:.1f} s ({m['tokens_per_sec']:,.0f} tokens/s){skipped}"
+    )
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -160,6 +199,8 @@ def _run(args: argparse.Namespace) -> int:
         loss = CPTTrainer(cfg).train()
         print(f"final average training loss: {loss:.4f}")
         return 0
+    if args.command == "prepare":
+        return _prepare(args)
     if args.command == "plan":
         from .planner import run_plan
 

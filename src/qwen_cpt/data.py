@@ -198,7 +198,7 @@ class FileSource:
         self.text_field = text_field
         self.txt_split = txt_split
         self.skip_bad_records = skip_bad_records
-        self.skipped = 0
+        self._skipped: set[str] = set()
 
     def identity(self) -> list:
         return [[str(f), f.stat().st_size if f.is_file() else 0] for f in self.files]
@@ -223,7 +223,12 @@ class FileSource:
     def _bad(self, message: str) -> None:
         if not self.skip_bad_records:
             raise DataError(message)
-        self.skipped += 1
+        self._skipped.add(message.split(": ", 1)[0])  # "file:line": each record counts once
+
+    @property
+    def skipped(self) -> int:
+        """Distinct malformed records skipped so far (re-reading an epoch does not recount)."""
+        return len(self._skipped)
 
     def _txt(self, path: Path, k: int, offset: int, line: int, cont: bool) -> Iterator[Piece]:
         with _open_binary(path) as fh:
@@ -235,7 +240,7 @@ class FileSource:
             buf_bytes = 0
             while True:
                 pos = {"file": k, "offset": reader.offset, "line": line, "cont": not doc_start}
-                raw = reader.readline(PIECE_BYTES)
+                raw = reader.readline(PIECE_BYTES - buf_bytes)  # a piece never exceeds PIECE_BYTES
                 if not raw:
                     break
                 try:
@@ -256,7 +261,7 @@ class FileSource:
                     buf_pos = pos
                 buf.append(text)
                 buf_bytes += len(raw)
-                if buf_bytes >= PIECE_BYTES:  # a long document goes on in the next piece
+                if buf_bytes >= PIECE_BYTES - 8192:  # a long document goes on in the next piece
                     yield Piece("".join(buf), buf_pos, first=doc_start, last=False)
                     buf, buf_pos, buf_bytes, doc_start = [], None, 0, False
             text = "".join(buf)
@@ -313,7 +318,7 @@ class FileSource:
                 if isinstance(text, str) and text.strip():
                     yield Piece(text, {"file": k, "row": first_row + i})
                 elif text is not None and not isinstance(text, str):
-                    self._bad(f"{path}: row {first_row + i}: {self.text_field!r} is not text")
+                    self._bad(f"{path}:row {first_row + i}: {self.text_field!r} is not text")
             first_row += n
 
 

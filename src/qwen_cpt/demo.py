@@ -57,18 +57,42 @@ def run_demo(output_dir: str = "./demo_output", max_steps: int = 60) -> dict:
             num_kv_heads=2,
             intermediate_size=352,
         )
-    corpus = stdlib_corpus()
-    train = [t for n, t in corpus if not held_out(n)]
-    # the first 2,000 characters of each held-out document keep each eval pass to seconds
-    evals = [t[:2000] for n, t in corpus if held_out(n)]
-    print(
-        f"corpus: {len(train)} training and {len(evals)} held-out documents from the "
-        f"Python {sysconfig.get_python_version()} standard library",
-        flush=True,
-    )
+    # Two sources written as .jsonl, as a user's corpus would be: prose (pydoc topics) and
+    # code (stdlib sources), each with a held-out split evaluated on its own.
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for kind in ("docs", "code"):
+        docs = [
+            (n, t)
+            for n, t in stdlib_corpus()
+            if n.startswith("topic:" if kind == "docs" else "source:")
+        ]
+        train = [t for n, t in docs if not held_out(n)]
+        # the first 2,000 characters of each held-out document keep each eval pass to seconds
+        heldout = [t[:2000] for n, t in docs if held_out(n)]
+        for name, texts in ((f"{kind}_train", train), (f"{kind}_heldout", heldout)):
+            with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        sizes[kind] = sum(len(t) for t in train)
+        print(
+            f"corpus {kind}: {len(train)} training and {len(heldout)} held-out documents from the "
+            f"Python {sysconfig.get_python_version()} standard library",
+            flush=True,
+        )
+    total = sum(sizes.values())
     cfg = CPTConfig(
         model_name_or_path=str(model_dir),
         output_dir=str(out / "run"),
+        sources=[
+            {
+                "name": kind,
+                "files": [str(data_dir / f"{kind}_train.jsonl")],
+                "weight": round(sizes[kind] / total, 3),
+                "eval_files": [str(data_dir / f"{kind}_heldout.jsonl")],
+            }
+            for kind in ("code", "docs")
+        ],
         max_length=256,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=16,
@@ -85,7 +109,7 @@ def run_demo(output_dir: str = "./demo_output", max_steps: int = 60) -> dict:
         seed=0,
     )
     trainer = CPTTrainer(cfg)
-    final_loss = trainer.train(train, evals)
+    final_loss = trainer.train()
     evals_logged = [
         json.loads(line)
         for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -96,6 +120,10 @@ def run_demo(output_dir: str = "./demo_output", max_steps: int = 60) -> dict:
         f"\nheld-out perplexity: before {before:,.1f} -> after {after:,.1f} "
         f"({'lower' if after < before else 'NOT lower'}); final training loss {final_loss:.4f}"
     )
+    for kind in ("code", "docs"):
+        b, a = evals_logged[0][f"eval_ppl/{kind}"], evals_logged[-1][f"eval_ppl/{kind}"]
+        print(f"  {kind:5s} held-out perplexity: {b:,.1f} -> {a:,.1f}")
+    print(f"report: {Path(cfg.output_dir) / 'report.html'}")
     print(f"trained model (Hugging Face format): {Path(cfg.output_dir) / 'final'}")
     return {
         "ppl_before": before,

@@ -1,18 +1,25 @@
 """Causal-LM loss as a *sum* over tokens, so callers can weight micro-batches by token count.
 
 Two paths, numerically the same (tested against HF's own loss to 1e-5 in fp32):
-- chunked: run the decoder, then the LM head and cross-entropy chunk by chunk under activation
-  checkpointing. Peak memory holds one chunk of logits instead of ``tokens x vocab`` (for Qwen's
-  152k vocabulary that is 0.6 GiB of fp32 logits per 1k tokens, before their gradient);
+- chunked (``use_fused_loss``): run the decoder, then a fused linear cross-entropy over the LM
+  head, chunk by chunk. Each chunk's logits are turned into their gradient in place (softmax
+  minus one-hot) and multiplied out into the gradients of the hidden states and of the head
+  right away, in the forward pass (Liger-Kernel's FusedLinearCrossEntropy, in plain PyTorch).
+  Peak memory holds one chunk of logits instead of ``tokens x vocab`` (for Qwen's 152k
+  vocabulary that is 0.6 GiB of fp32 logits per 1k tokens, and as much again for each of their
+  gradient and log-softmax), and the head costs 3 matmuls per token, not the 4 of
+  recomputing it under activation checkpointing. On a CPU the chunk buffer is allocated once
+  and reused, so the step does not page-fault a fresh 0.6 GiB buffer per chunk;
 - plain: the model's full logits, then cross-entropy; for architectures whose head does more than
   a linear layer (logit soft-capping, scaling), where the chunked path would be wrong.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
 
@@ -26,11 +33,95 @@ def supports_chunked_loss(model) -> bool:
     )
 
 
-def _chunk_ce(
-    hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor
-) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+# CPU only: one reusable logits buffer per LM head module, freed with the model. On CUDA the
+# caching allocator already reuses the memory.
+_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _logits_buffer(head: torch.nn.Module, rows: int, chunk_size: int) -> torch.Tensor:
+    weight = head.weight
+    shape = (min(chunk_size, rows), weight.shape[0])
+    if weight.device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=weight.device)
+    buf = _WORKSPACES.get(head)
+    if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1]:
+        buf = torch.empty(shape, dtype=torch.float32)
+        _WORKSPACES[head] = buf
+    return buf
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, chunked.
+
+    Forward computes the loss and, when gradients are wanted, the gradients of ``hidden``,
+    ``weight`` and ``bias`` (backward only scales them by the incoming gradient). Matmuls run
+    in ``compute_dtype`` (the autocast dtype, if any), softmax and the loss in fp32, and the
+    weight gradient accumulates in fp32 across chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, head, chunk_size, compute_dtype, want_grad):
+        rows = hidden.shape[0]
+        w = weight.to(compute_dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if want_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        grad_b = (
+            torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
+        )
+        buf = _logits_buffer(head, rows, chunk_size)
+        for start in range(0, rows, chunk_size):
+            y = labels[start : start + chunk_size]
+            valid = y != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            h = hidden[start : start + chunk_size].to(compute_dtype)
+            logits = buf[: h.shape[0]]
+            if compute_dtype == torch.float32:
+                torch.mm(h, w.t(), out=logits)
+            else:
+                logits.copy_(torch.mm(h, w.t()))
+            if bias is not None:
+                logits.add_(bias.float())
+            y_safe = y.clamp(min=0).unsqueeze(1)
+            target = logits.gather(1, y_safe).squeeze(1)
+            row_max = logits.amax(dim=1)
+            logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: no second [chunk x vocab]
+            denom = logits.sum(dim=1)
+            lse = row_max + denom.log()
+            loss += torch.where(valid, lse - target, 0.0).sum()
+            if not want_grad:
+                continue
+            # d(sum CE)/d(logits) = softmax - one_hot(label), zero on ignored rows
+            logits.div_(denom.unsqueeze(1))
+            logits.scatter_add_(1, y_safe, -valid.unsqueeze(1).to(logits.dtype))
+            if not bool(valid.all()):
+                logits.mul_(valid.unsqueeze(1))
+            g = logits if compute_dtype == torch.float32 else logits.to(compute_dtype)
+            grad_h[start : start + chunk_size] = torch.mm(g, w).to(hidden.dtype)
+            if compute_dtype == torch.float32:
+                grad_w.addmm_(g.t(), h)
+            else:
+                grad_w.add_(torch.mm(g.t(), h))
+            if grad_b is not None:
+                grad_b.add_(logits.sum(dim=0))
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None  # the buffers are scaled in place: a second backward must not reuse them
+        if grad_h is None:
+            raise RuntimeError("fused cross-entropy: forward ran without gradients")
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+        grad_w = grad_w.mul_(grad_loss).to(w_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_lm_loss_sum(
@@ -39,13 +130,21 @@ def chunked_lm_loss_sum(
     """Sum of next-token cross-entropy over ``hidden[:, :-1]`` vs ``labels[:, 1:]``."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_size):
-        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-        if bool((yc == IGNORE_INDEX).all()):
-            continue
-        total = total + checkpoint(_chunk_ce, hc, head.weight, head.bias, yc, use_reentrant=False)
-    return total
+    device_type = h.device.type
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else head.weight.dtype
+    )
+    want_grad = torch.is_grad_enabled() and (
+        h.requires_grad
+        or head.weight.requires_grad
+        or (head.bias is not None and head.bias.requires_grad)
+    )
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(
+            h, head.weight, head.bias, y, head, chunk_size, compute_dtype, want_grad
+        )
 
 
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool, chunk_size: int = 1024):

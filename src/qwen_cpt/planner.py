@@ -380,16 +380,26 @@ class MemoryEstimate:
 
 
 def activation_bytes_per_token(
-    shape: ModelShape, checkpointing: str, act_bytes: int, resid_bytes: int = 4
+    shape: ModelShape,
+    checkpointing: str,
+    act_bytes: int,
+    resid_bytes: int = 4,
+    mask_len: int = 0,
 ) -> float:
     """Bytes of saved activations per token of a micro-batch, summed over the decoder.
 
-    Per layer (h hidden, I intermediate, q/kv projection widths; derived from what autograd
-    saves in HF's Qwen2/Llama layer, after Korthikanti et al. 2022, arXiv 2205.05198):
-    - each RMSNorm: its fp32 input and normalized output (HF upcasts to fp32; the residual stream
-      stays fp32 with fp32 master weights), plus the bf16 copy autocast makes for the projection;
-    - attention: q, k (after RoPE) and v saved by SDPA/flash, its output and the contiguous copy
-      o_proj saves, and the fp32 log-sum-exp per head; no S^2 term with a fused kernel;
+    Per layer (h hidden, I intermediate, q/kv projection widths), from what autograd saves in
+    HF's Qwen2/Llama layer (listed with ``torch.autograd.graph.saved_tensors_hooks``; after
+    Korthikanti et al. 2022, arXiv 2205.05198, for a gated MLP and GQA):
+    - each RMSNorm: its input and the normalized tensor in fp32 (HF upcasts; the residual stream
+      stays fp32 with fp32 master weights), and its output in the compute dtype, which the next
+      projection saves;
+    - attention: q, k (after RoPE), v and the output (o_proj saves the same storage), plus the
+      fp32 log-sum-exp per head; no S^2 scores with a fused kernel. ``mask_len=S > 0``: SDPA
+      gets transformers' block-causal mask for packed documents (document-aware packing without
+      flash_attention_2), so k and v are expanded to all heads (``repeat_kv``) and SDPA saves the
+      mask per layer in the compute dtype (S values per token), besides transformers' boolean
+      mask (S bytes per token). flash_attention_2's varlen path, or unpacked SDPA, needs neither;
     - MLP: gate and up outputs, silu(gate) and the product fed to down_proj (4 x I).
     ``full`` checkpointing (one checkpoint per layer, as HF does) keeps only each layer's input
     and recomputes one layer at a time in backward. ``selective`` is op-level selective
@@ -401,16 +411,20 @@ def activation_bytes_per_token(
     h, i = shape.hidden_size, shape.intermediate_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     a, r = act_bytes, resid_bytes
-    norm = 2 * r * h + (a * h if a != r else 0)
-    attn = a * (q_dim + 2 * kv_dim) + 2 * a * q_dim + 4 * shape.num_heads
+    kv_saved = q_dim if mask_len else kv_dim
+    mask_per_layer = a * mask_len
+    shared_mask = mask_len
+    lse = 4 * shape.num_heads
+    norm = 2 * r * h + a * h
+    attn = a * (q_dim + 2 * kv_saved + q_dim) + lse + mask_per_layer
     mlp = 4 * a * i
     layer = 2 * norm + attn + mlp
     if checkpointing == "none":
-        return shape.num_layers * layer + norm
+        return shape.num_layers * layer + norm + shared_mask
     if checkpointing == "full":
-        return shape.num_layers * r * h + layer + norm
-    kept = r * h + a * (q_dim + 2 * kv_dim + q_dim + h + 2 * i + h) + 4 * shape.num_heads
-    return shape.num_layers * kept + norm
+        return shape.num_layers * r * h + layer + norm + shared_mask
+    kept = r * h + a * (q_dim + 2 * kv_saved + q_dim + h + 2 * i + h) + lse + mask_per_layer
+    return shape.num_layers * kept + norm + shared_mask
 
 
 def logits_bytes(
@@ -445,6 +459,7 @@ def estimate_memory(
     chunked_loss: bool = True,
     loss_chunk_size: int = 1024,
     device: str = "cuda",
+    packed_mask: bool | None = None,
     capacity_bytes: float | None = None,
     param_counts: ParamCounts | None = None,
 ) -> MemoryEstimate:
@@ -460,9 +475,9 @@ def estimate_memory(
       buffers the size of the largest parameter;
     - weight_copies: autocast's cached bf16 copies of every matmul weight, 2 B/param (CUDA bf16
       only; under FSDP the unsharded bf16 working set of about two blocks or the embedding);
-    - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len, plus the
-      block-causal boolean mask SDPA needs for packed documents off CUDA (flash-attn takes the
-      varlen path instead);
+    - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len; ``packed_mask``
+      (default: off CUDA) when SDPA gets the block-causal mask of packed documents, which
+      flash_attention_2's varlen path (CUDA) does without;
     - logits: :func:`logits_bytes`;
     - overhead: CUDA context and library workspaces (1 GiB), none on CPU.
     ``world_size > 1`` assumes FSDP/ZeRO-3: weights, grads and optimizer state are sharded.
@@ -492,11 +507,11 @@ def estimate_memory(
     else:
         copies = 0.0
 
-    act = activation_bytes_per_token(shape, checkpointing, act_bytes) * tokens
-    mask_note = ""
-    if not cuda:
-        act += micro_batch * seq_len * seq_len  # bool block-causal mask for SDPA
-        mask_note = " + SDPA's block-causal mask (1 B x S^2 per sequence)"
+    if packed_mask is None:
+        packed_mask = not cuda
+    mask_len = seq_len if packed_mask else 0
+    act = activation_bytes_per_token(shape, checkpointing, act_bytes, mask_len=mask_len) * tokens
+    mask_note = ", SDPA with the packed block-causal mask" if packed_mask else ""
     components = {
         "weights": 4.0 * p.total / shards,
         "grads": 4.0 * p.total / shards,
@@ -634,12 +649,19 @@ class Plan:
         return asdict(self)
 
 
-def train_files_tokens(train_files: list[str]) -> tuple[int, int]:
-    """``(bytes, estimated tokens)`` of the training files, at 3.6 bytes per token."""
+def train_files_tokens(cfg) -> tuple[int, int]:
+    """``(bytes, estimated tokens)`` of ``train_files`` (or every ``sources`` entry's files).
+
+    3.6 bytes per token on the whole file size, JSON keys and compression included, so it is a
+    rough figure; ``--tokens`` gives the exact one.
+    """
     from .data import expand_paths
 
-    files = expand_paths(train_files, "train_files")
-    n_bytes = sum(f.stat().st_size for f in files)
+    files = expand_paths(cfg.train_files, "train_files")
+    for i, src in enumerate(getattr(cfg, "sources", None) or []):
+        entries = src["files"] if isinstance(src["files"], list) else [src["files"]]
+        files += expand_paths(entries, f"sources[{i}].files")
+    n_bytes = sum(f.stat().st_size for f in files if f.is_file())
     return n_bytes, max(1, round(n_bytes / BYTES_PER_TOKEN_ESTIMATE))
 
 
@@ -648,7 +670,12 @@ def _global_batch_tokens(cfg, micro: int, accum: int, world: int) -> int:
 
 
 def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> MemoryEstimate:
-    """The estimate for ``cfg``; ``accum`` defaults to 2 (gradients held: the safe side)."""
+    """The estimate for ``cfg``; ``accum`` defaults to 2 (gradients held: the safe side).
+
+    Assumes flash_attention_2 on CUDA when ``use_flash_attention`` (``qwen-cpt[gpu]``); without
+    it, packed documents make SDPA take a block-causal mask.
+    """
+    flash = device == "cuda" and cfg.use_flash_attention
     return estimate_memory(
         shape,
         micro_batch=micro,
@@ -661,6 +688,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         chunked_loss=cfg.use_fused_loss and _chunkable(shape.model_type),
         loss_chunk_size=cfg.loss_chunk_size,
         device=device,
+        packed_mask=cfg.document_aware_packing and not flash,
         capacity_bytes=capacity,
         param_counts=p,
     )
@@ -825,12 +853,19 @@ def make_plan(
 
     rec_lr, rec_rule = recommend_lr(p.total, p.non_embedding, trained)
     lr_value, lr_from = (
-        (rec_lr, rec_rule) if cfg.learning_rate == AUTO else (cfg.learning_rate, "from the config")
+        (rec_lr, "learning_rate: auto, the recommended value")
+        if cfg.learning_rate == AUTO
+        else (cfg.learning_rate, "from the config")
     )
     total, warmup = _steps(cfg, n_tokens, micro, accum, gpus)
     mem = _memory_for(cfg, shape, p, micro, gpus, "cuda", capacity, accum)
     seconds = estimate_seconds(trained, fpt, gpus, gpu.peak_tflops, mfu)
-    notes = []
+    notes = [
+        "memory assumes flash_attention_2 (pip install qwen-cpt[gpu]); with SDPA, packed "
+        "documents add a block-causal mask and full-width k/v per layer"
+        if cfg.use_flash_attention
+        else "memory assumes SDPA with the packed block-causal mask"
+    ]
     if gpus > 1:
         notes.append(
             f"--gpus {gpus}: memory assumes FSDP/ZeRO-3 sharding of weights, gradients and "
@@ -945,7 +980,8 @@ def format_plan(plan: Plan) -> str:
         f"  DeepSeek             {lr['deepseek_from_scratch']:.3g} (0.3118*C^-0.125, from "
         "scratch, arXiv 2401.02954; for reference)",
         "",
-        f"batch      {b['global_sequences']} sequences x {b['sequence_length']} tokens = {_n(b['global_tokens'])} tokens per step ({b['source']})",
+        f"batch      {b['global_sequences']} sequences x {b['sequence_length']} tokens = "
+        f"{_n(b['global_tokens'])} tokens per step ({b['source']})",
         f"           per device: micro-batch {b['per_device_train_batch_size']} x "
         f"accumulation {b['gradient_accumulation_steps']} on {b['devices']} device(s)",
         f"           Step Law 0.58*D^0.571 = {_n(b['step_law_tokens'])} tokens; DeepSeek "
@@ -1019,7 +1055,8 @@ def resolve_auto(
     p = _counts_of(model, shape)
     device, capacity = _device_capacity(model, device_memory_gb)
     bf16 = cfg.use_bf16 and (device == "cuda" or _cpu_bf16())
-    cfg_view = _ConfigView(cfg, use_bf16=bf16)
+    flash = getattr(config, "_attn_implementation", None) == "flash_attention_2"
+    cfg_view = _ConfigView(cfg, use_bf16=bf16, use_flash_attention=flash)
     out: dict[str, tuple[int | float, str]] = {}
     micro, accum, rule = _choose_batch(
         cfg_view, shape, p, n_train_tokens, world_size, device, capacity
@@ -1145,15 +1182,16 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.tokens is not None:
             _positive(tokens=args.tokens)
             n_tokens, source = int(args.tokens), "--tokens"
-        elif cfg.train_files:
-            n_bytes, n_tokens = train_files_tokens(cfg.train_files)
+        elif cfg.train_files or getattr(cfg, "sources", None):
+            n_bytes, n_tokens = train_files_tokens(cfg)
             source = (
-                f"estimated: {n_bytes:,} bytes of train_files / {BYTES_PER_TOKEN_ESTIMATE} bytes "
-                "per token; pass --tokens for an exact count"
+                f"estimated: {n_bytes:,} bytes of training files / {BYTES_PER_TOKEN_ESTIMATE} "
+                "bytes per token; pass --tokens for an exact count"
             )
         else:
             raise PlannerError(
-                "--tokens: required, since the config has no train_files to estimate it from"
+                "--tokens: required, since the config has no train_files or sources to estimate "
+                "it from"
             )
         plan = make_plan(
             cfg,

@@ -214,6 +214,7 @@ class CPTTrainer:
 
         self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
+        self._resolve_auto(blocks_per_epoch, resume_dir)
         resumed = None
         if resume_dir is not None:
             resumed = self._check_resume(resume_dir, data)
@@ -360,17 +361,20 @@ class CPTTrainer:
             bar.update(1)
             # 4) log, evaluate, save, and honour a stop signal at this step boundary
             if st.step % cfg.logging_steps == 0 or st.step == total:
+                tok_s = window.tokens_per_sec
                 metrics = {
                     "epoch": round(st.epoch, 4),
                     "loss": window.loss,
                     "avg_loss": st.avg_loss,
                     "lr": cfg_lr(cfg) * mult,
                     "grad_norm": grad_norm,
-                    "tokens_per_sec": window.tokens_per_sec,
-                    **flops.metrics(window.tokens_per_sec),
+                    "tokens_per_sec": tok_s,
+                    **flops.metrics(tok_s),
                     "tokens_seen": st.tokens_seen,
                     "memory_gb": memory_gb(runtime.device),
                 }
+                if len(data.streams) > 1:  # achieved token shares of the mixture so far
+                    metrics.update({f"data_share/{k}": v for k, v in data.achieved_shares().items()})
                 trackers.log(metrics, st.step)
                 _log_line(bar, st.step, total, metrics)
                 window = _Window()
@@ -395,6 +399,17 @@ class CPTTrainer:
         self._save_checkpoint(out, optimizers)
         save_model_dir(out / "final", model, self.tokenizer, cfg, asdict(st))
         trackers.log({"train_runtime_s": time.perf_counter() - self._start_time}, st.step)
+        if len(data.streams) > 1:
+            log.info(
+                "data mix achieved: %s",
+                ", ".join(
+                    f"{k} {v:.2%} (target {data.shares[k]:.2%})"
+                    for k, v in data.achieved_shares().items()
+                ),
+            )
+        skipped = sum(getattr(s.source, "skipped", 0) for s in data.streams.values())
+        if skipped:
+            log.warning("skip_bad_records: skipped %d malformed records", skipped)
         _write_report(out)
         log.info(
             "done: %d steps, %s tokens, average loss %.4f; final model in %s",
@@ -431,6 +446,31 @@ class CPTTrainer:
         )
 
     # --- data ----------------------------------------------------------------------------------
+    def _resolve_auto(self, blocks_per_epoch: int, resume_dir: Path | None) -> None:
+        """Replace ``auto`` learning rate / batch fields with the planner's values, logged.
+
+        A resume takes them from the checkpoint's config instead, so the run keeps its geometry
+        even if free memory changed.
+        """
+        from .config import AUTO
+
+        cfg = self.config
+        if resume_dir is not None:
+            saved = CPTConfig.from_yaml(resume_dir / "config.yaml")
+            for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+                if getattr(cfg, name) == AUTO:
+                    setattr(cfg, name, getattr(saved, name))
+                    log.info("%s: auto -> %s (from %s)", name, getattr(saved, name), resume_dir)
+            return
+        from .planner import resolve_auto
+
+        chosen = resolve_auto(cfg, self.model, blocks_per_epoch * cfg.max_length)
+        for name, (value, rule) in chosen.items():
+            setattr(cfg, name, value)
+            log.info("%s: auto -> %s (%s)", name, value, rule)
+        if chosen:
+            cfg.validate()
+
     def _blocks_per_epoch(self, data: D.Mixture) -> int:
         """Training blocks in one epoch of the first source, scaled up by the others' share.
 
