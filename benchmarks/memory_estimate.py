@@ -1,9 +1,9 @@
 """Check the planner's memory estimate against the peak RSS of real CPTTrainer steps on CPU.
 
-    .venv/bin/python benchmarks/memory_estimate.py            # all cases, a markdown table
-    .venv/bin/python benchmarks/memory_estimate.py --quick    # the first two cases only
+    .venv/bin/python benchmarks/memory_estimate.py           # every case in every allocator mode
+    .venv/bin/python benchmarks/memory_estimate.py --quick   # the first two cases, "live" only
 
-About 5 minutes on 2 CPU cores (the 151,936-row LM head dominates the compute).
+About 25 minutes on 2 CPU cores for everything (the 151,936-row LM head dominates the compute).
 
 Each case trains a tiny Qwen2.5-shaped model (``make_tiny_model``: 151,936 vocabulary rows, so
 the logits are big) for a few fp32 steps (``use_bf16=False``) in a fresh subprocess, and measures:
@@ -14,6 +14,16 @@ the logits are big) for a few fp32 steps (``use_bf16=False``) in a fresh subproc
 - peak: VmHWM after the last optimizer step, minus the baseline;
 and compares them with ``estimate_memory`` (weights, grads, optimizer, its step temporaries,
 activations and logits; on CPU there is no CUDA overhead and no autocast copy).
+
+RSS counts what the C allocator holds, not only live tensors, so each case runs under up to three
+allocator modes:
+- ``live``: ``MALLOC_MMAP_THRESHOLD_=1048576`` fixes glibc's mmap threshold, so every block of
+  1 MiB or more is its own mmap and is returned on free: RSS follows live memory, which is what
+  the estimate models;
+- ``default``: glibc's dynamic threshold (it rises up to 32 MiB after frees), so mid-sized
+  activation blocks land in the heap and fragment it;
+- ``tuned``: the trainer's own ``tune_cpu_allocator`` (its default on CPU), which keeps every
+  freed block below 1 GiB in the heap for speed.
 """
 
 from __future__ import annotations
@@ -218,65 +228,72 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
     }
 
 
+MODES = {
+    "live": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+    "default": {},
+    "tuned": {},
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="only the first two cases, untuned")
+    ap.add_argument("--quick", action="store_true", help='the first two cases, "live" only')
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one case, in a fresh process so the allocator state is clean
         spec = json.loads(args.child)
         result = run_case(
-            spec["model_dir"], spec["overrides"], spec["out_dir"], spec["tuned_allocator"]
+            spec["model_dir"], spec["overrides"], spec["out_dir"], spec["mode"] == "tuned"
         )
         print("RESULT " + json.dumps(result))
         return 0
 
     from qwen_cpt import make_tiny_model
 
-    # every case with glibc's defaults; the first two again with the trainer's CPU allocator
-    # tuning (its default on CPU), to show what that costs in RSS
-    cases = [(name, kw, ov, False) for name, kw, ov in CASES]
-    cases += [(name + " [tuned allocator]", kw, ov, True) for name, kw, ov in CASES[:2]]
+    runs = [(case, "live") for case in CASES] + [(case, "default") for case in CASES]
+    runs += [(case, "tuned") for case in CASES[:2]]
     if args.quick:
-        cases = [cases[0], cases[1]]
+        runs = [(case, "live") for case in CASES[:2]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, model_kw, overrides, tuned) in enumerate(cases):
+        for i, ((name, model_kw, overrides), mode) in enumerate(runs):
             model_dir = Path(tmp) / f"model{i}"
             make_tiny_model(model_dir, **model_kw)
             spec = {
                 "model_dir": str(model_dir),
                 "overrides": overrides,
                 "out_dir": f"{tmp}/run{i}",
-                "tuned_allocator": tuned,
+                "mode": mode,
             }
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)],
                 capture_output=True,
                 text=True,
+                env={**os.environ, **MODES[mode]},
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"case {name!r} failed (exit {proc.returncode})")
+                raise SystemExit(f"case {name!r} ({mode}) failed (exit {proc.returncode})")
             r = json.loads(line[len("RESULT ") :])
-            rows.append((name, r))
-            print(f"done: {name} ({r['wall_s']:.1f} s)", file=sys.stderr)
+            rows.append((name, mode, r))
+            print(f"done: {name} [{mode}] ({r['wall_s']:.1f} s)", file=sys.stderr, flush=True)
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; {STEPS} fp32 steps per case\n"
     )
     print(
-        "| case | weights+grads+optimizer est. / meas. (MiB) | peak est. (MiB) | "
+        "| case | allocator | weights+grads+optimizer est. / meas. (MiB) | peak est. (MiB) | "
         "peak meas. (MiB) | peak error | est. transients (MiB): step temp, activations, logits |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, r in rows:
+    print("|---|---|---|---|---|---|---|")
+    for name, mode, r in rows:
         c = {k: v / MiB for k, v in r["components"].items()}
         err = (r["estimated_peak"] - r["measured_peak"]) / r["measured_peak"]
         print(
-            f"| {name} | {r['estimated_static'] / MiB:.0f} / {r['measured_static'] / MiB:.0f} | "
+            f"| {name} | {mode} | {r['estimated_static'] / MiB:.0f} / "
+            f"{r['measured_static'] / MiB:.0f} | "
             f"{r['estimated_peak'] / MiB:.0f} | {r['measured_peak'] / MiB:.0f} | {err:+.1%} | "
             f"{c['optimizer_step_temp']:.0f}, {c['activations']:.0f}, {c['logits']:.0f} |"
         )

@@ -14,8 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qwen_cpt.trainer as trainer_mod
-from qwen_cpt import CPTConfig, CPTTrainer, make_tiny_model
-from qwen_cpt import perf
+from qwen_cpt import CPTConfig, CPTTrainer, make_tiny_model, perf
 from qwen_cpt.cli import build_parser
 from qwen_cpt.loss import lm_loss_sum
 from qwen_cpt.model import enable_activation_checkpointing
@@ -312,3 +311,68 @@ def test_packed_documents_sdpa_matches_eager_and_each_is_document_exact(tiny_qwe
             flat = torch.arange(batch["input_ids"].shape[1])[None]
             leaky = m(input_ids=batch["input_ids"], position_ids=flat, use_cache=False).logits
             assert (leaky[0, -n:] - alone).abs().max() > 1e-3, impl
+
+
+# --- the fused linear cross-entropy (use_fused_loss) -----------------------------------------------
+
+
+def _reference_ce(hidden, head, labels):
+    logits = torch.nn.functional.linear(hidden[:, :-1], head.weight, head.bias).float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+    )
+
+
+def test_fused_loss_with_bias_and_ignored_rows_matches_cross_entropy():
+    from qwen_cpt.loss import chunked_lm_loss_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, 2:8] = -100  # one chunk of 3 rows is wholly ignored, others partly
+    grads = []
+    for fn in (_reference_ce, lambda h, m, y: chunked_lm_loss_sum(h, m, y, 3)):
+        head.zero_grad()
+        hidden.grad = None
+        loss = fn(hidden, head, labels)
+        (loss * 0.5).backward()  # the incoming gradient scales all three gradients
+        grads.append((loss.detach(), hidden.grad.clone(), head.weight.grad, head.bias.grad))
+    for ref, ours in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # eval: no gradient work, same loss
+        torch.testing.assert_close(chunked_lm_loss_sum(hidden, head, labels, 4), grads[0][0])
+
+
+def test_fused_loss_under_bf16_autocast_tracks_autocast_reference():
+    from qwen_cpt.loss import chunked_lm_loss_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 200, bias=False)
+    hidden = torch.randn(1, 33, 32, requires_grad=True)
+    labels = torch.randint(0, 200, (1, 33))
+    results = []
+    for fn in (_reference_ce, lambda h, m, y: chunked_lm_loss_sum(h, m, y, 8)):
+        head.zero_grad()
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hidden, head, labels)
+        loss.backward()
+        assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (ref_loss, ref_h, ref_w), (loss, gh, gw) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=0.05)
+    torch.testing.assert_close(gh, ref_h, rtol=0.05, atol=2e-2)
+    torch.testing.assert_close(gw, ref_w, rtol=0.05, atol=2e-2)
+
+
+def test_fused_loss_reuses_one_cpu_logits_buffer():
+    from qwen_cpt import loss as L
+
+    head = torch.nn.Linear(8, 100, bias=False)
+    hidden = torch.randn(1, 20, 8, requires_grad=True)
+    labels = torch.randint(0, 100, (1, 20))
+    L.chunked_lm_loss_sum(hidden, head, labels, 6).backward()
+    buf = L._WORKSPACES[head]
+    L.chunked_lm_loss_sum(hidden, head, labels, 6).backward()
+    assert L._WORKSPACES[head] is buf and tuple(buf.shape) == (6, 100)

@@ -499,6 +499,8 @@ def test_resolve_auto_batch_from_step_law_and_memory():
     out = resolve_auto(cfg, _qwen2_config_dict(SMALL), n_train_tokens=10**8, device_memory_gb=64)
     micro, accum = out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]
     assert (micro, accum) == (84, 1)
+    assert "Step Law" in out["per_device_train_batch_size"][1]
+    assert "CPU: memory / 2.5" in out["per_device_train_batch_size"][1]  # no GPU here
     # on 2 devices, 42 sequences each; with too little memory the micro-batch shrinks
     out = resolve_auto(cfg, _qwen2_config_dict(SMALL), 10**8, world_size=2, device_memory_gb=0.03)
     micro, accum = out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]

@@ -63,8 +63,13 @@ def prepare(
     shard_tokens = 0
     n_docs = n_tokens = 0
     started = time.perf_counter()
-    bar = tqdm(total=source.total_bytes(), unit="B", unit_scale=True, desc="tokenizing",
-               disable=not sys.stderr.isatty() if progress is None else not progress)
+    bar = tqdm(
+        total=source.total_bytes(),
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        disable=not sys.stderr.isatty() if progress is None else not progress,
+    )
 
     def flush() -> None:
         nonlocal tok_buf, doc_starts, shard_tokens
@@ -73,8 +78,14 @@ def prepare(
         i = len(shards)
         np.concatenate(tok_buf).astype(np.uint32).tofile(tmp / f"tokens-{i:05d}.bin")
         np.asarray(doc_starts, dtype=np.uint64).tofile(tmp / f"docs-{i:05d}.bin")
-        shards.append({"tokens": f"tokens-{i:05d}.bin", "docs": f"docs-{i:05d}.bin",
-                       "n_tokens": shard_tokens, "n_docs": len(doc_starts)})
+        shards.append(
+            {
+                "tokens": f"tokens-{i:05d}.bin",
+                "docs": f"docs-{i:05d}.bin",
+                "n_tokens": shard_tokens,
+                "n_docs": len(doc_starts),
+            }
+        )
         tok_buf, doc_starts, shard_tokens = [], [], 0
 
     pool = TokenizerPool(tokenizer, workers, tokenizer_path)
@@ -139,7 +150,9 @@ class CacheSource:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         try:
-            self.manifest = json.loads((self.directory / CACHE_MANIFEST).read_text(encoding="utf-8"))
+            self.manifest = json.loads(
+                (self.directory / CACHE_MANIFEST).read_text(encoding="utf-8")
+            )
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.directory}: unreadable cache manifest ({exc})") from None
         self.tokens = []
@@ -149,7 +162,9 @@ class CacheSource:
             if not t.is_file() or t.stat().st_size != 4 * shard["n_tokens"]:
                 raise DataError(f"{t}: missing or truncated cache shard")
             self.tokens.append(np.memmap(t, dtype=np.uint32, mode="r"))
-            self.docs.append(np.fromfile(self.directory / shard["docs"], dtype=np.uint64).astype(np.int64))
+            self.docs.append(
+                np.fromfile(self.directory / shard["docs"], dtype=np.uint64).astype(np.int64)
+            )
         self.skipped = self.manifest.get("skipped_records", 0)
         self.files = [self.directory]
 
@@ -163,8 +178,17 @@ class CacheSource:
 class CacheStream:
     """Blocks from a :class:`CacheSource`, globally shuffled per epoch; state (epoch, index)."""
 
-    def __init__(self, name: str, source: CacheSource, eos_id: int, max_length: int, *,
-                 document_aware: bool = True, seed: int = 0, vocab_rows: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        source: CacheSource,
+        eos_id: int,
+        max_length: int,
+        *,
+        document_aware: bool = True,
+        seed: int = 0,
+        vocab_rows: int | None = None,
+    ):
         if source.manifest["eos_token_id"] != eos_id:
             raise DataError(
                 f"{source.directory}: cache was made with eos id {source.manifest['eos_token_id']}, "
@@ -211,7 +235,9 @@ class CacheStream:
             pad = self.max_length - n
             ids = np.concatenate([ids, np.full(pad, self.eos_id)])
             labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX)])
-            pos = np.concatenate([pos, np.arange(pad) if self.document_aware else np.arange(n, n + pad)])
+            pos = np.concatenate(
+                [pos, np.arange(pad) if self.document_aware else np.arange(n, n + pad)]
+            )
         return Block(ids.tolist(), pos.tolist(), labels.tolist(), self.name)
 
     def next_block(self) -> Block:

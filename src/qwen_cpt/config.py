@@ -63,7 +63,9 @@ class CPTConfig:
 
     # --- data ------------------------------------------------------------------------------------
     train_files: list[str] = _f(
-        [], "Training data: .txt files (one document per file) and .jsonl files (one per line)."
+        [],
+        "Training data: files, directories or globs of .txt/.md, .jsonl and .parquet files "
+        "(.txt/.md/.jsonl may be .gz or .zst compressed), or a qwen-cpt prepare cache directory.",
     )
     eval_files: list[str] = _f([], "Held-out data for eval loss/perplexity, same formats.")
     eval_texts: list[str] = _f([], "Held-out texts given inline (added to eval_files).")

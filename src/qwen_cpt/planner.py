@@ -35,6 +35,10 @@ BYTES_PER_TOKEN_ESTIMATE = 3.6  # UTF-8 bytes per Qwen2.5 token, a rough average
 DEFAULT_MFU = 0.4  # torchtitan Llama-3.1-8B on H100 with torch.compile: about 39% (REFERENCE.md)
 USABLE_FRACTION = 0.9  # headroom for allocator fragmentation; the verdict compares to 90%
 CUDA_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS and NCCL workspaces (0.5 to 1.5 GiB)
+# On CPU the trainer keeps freed blocks in glibc's heap (model.tune_cpu_allocator), and its RSS
+# peaked at 1.9x to 2.4x the live peak in benchmarks/memory_estimate.py (BENCHMARKS.md), so
+# resolve_auto sizes CPU micro-batches against memory / 2.5.
+CPU_RSS_FACTOR = 2.5
 
 
 class PlannerError(ValueError):
@@ -1041,7 +1045,10 @@ def resolve_auto(
     parameters are counted, its ``config`` gives the shape) or an HF config / config dict.
     ``n_train_tokens``: tokens in the packed training data (one epoch). ``device_memory_gb``
     (GiB) defaults to the CUDA device's total memory, or on CPU to the memory available now plus
-    what the model's parameters already take (they are resident when this is called).
+    what the model's parameters already take (they are resident when this is called); on CPU
+    the estimate must fit in 1 / ``CPU_RSS_FACTOR`` of it, for the allocator's retained heap.
+    ``world_size > 1`` assumes FSDP sharding of weights, gradients and optimizer state, as
+    ``qwen-cpt plan --gpus`` does.
 
     Order: the batch first (Step Law from D), then the learning rate, whose Step Law cap needs
     the tokens actually trained (which depends on the batch when ``max_steps`` is set).
@@ -1054,6 +1061,8 @@ def resolve_auto(
     shape = ModelShape.from_config(config)
     p = _counts_of(model, shape)
     device, capacity = _device_capacity(model, device_memory_gb)
+    if device == "cpu":
+        capacity /= CPU_RSS_FACTOR
     bf16 = cfg.use_bf16 and (device == "cuda" or _cpu_bf16())
     flash = getattr(config, "_attn_implementation", None) == "flash_attention_2"
     cfg_view = _ConfigView(cfg, use_bf16=bf16, use_flash_attention=flash)
@@ -1061,6 +1070,8 @@ def resolve_auto(
     micro, accum, rule = _choose_batch(
         cfg_view, shape, p, n_train_tokens, world_size, device, capacity
     )
+    if device == "cpu":
+        rule += f" (CPU: memory / {CPU_RSS_FACTOR:g} for the allocator's retained heap)"
     if cfg.per_device_train_batch_size == AUTO:
         out["per_device_train_batch_size"] = (micro, rule)
     if cfg.gradient_accumulation_steps == AUTO:

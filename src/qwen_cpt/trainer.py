@@ -112,6 +112,18 @@ class TrainState:
         return self.loss_sum / max(1, self.loss_tokens)
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines above a live progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Give the library logger a stderr handler unless the application configured logging."""
     if not sys.stderr.isatty():  # transformers' per-save bars would litter CI logs
@@ -123,7 +135,7 @@ def setup_logging(level: int = logging.INFO) -> None:
             pass
     if log.handlers or logging.getLogger().handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[qwen-cpt %(asctime)s] %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(level)
@@ -374,7 +386,9 @@ class CPTTrainer:
                     "memory_gb": memory_gb(runtime.device),
                 }
                 if len(data.streams) > 1:  # achieved token shares of the mixture so far
-                    metrics.update({f"data_share/{k}": v for k, v in data.achieved_shares().items()})
+                    metrics.update(
+                        {f"data_share/{k}": v for k, v in data.achieved_shares().items()}
+                    )
                 trackers.log(metrics, st.step)
                 _log_line(bar, st.step, total, metrics)
                 window = _Window()
@@ -457,7 +471,11 @@ class CPTTrainer:
         cfg = self.config
         if resume_dir is not None:
             saved = CPTConfig.from_yaml(resume_dir / "config.yaml")
-            for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            for name in (
+                "learning_rate",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+            ):
                 if getattr(cfg, name) == AUTO:
                     setattr(cfg, name, getattr(saved, name))
                     log.info("%s: auto -> %s (from %s)", name, getattr(saved, name), resume_dir)
@@ -518,7 +536,12 @@ class CPTTrainer:
         model, bs = self.model, self.config.per_device_eval_batch_size
         model.eval()
         total, n = 0.0, 0
-        for i in range(0, len(blocks), bs):
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(blocks), bs)
+        for i in tqdm(
+            starts, desc="eval", unit="batch", leave=False, disable=not sys.stderr.isatty()
+        ):
             batch = D.collate(blocks[i : i + bs])
             n += D.count_loss_tokens(batch)
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
