@@ -99,8 +99,19 @@ def make_corpus(directory: Path, megabytes: float) -> list[str]:
 def run(mode: str, tok: str, files: list[str], workers: int, max_length: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         out = subprocess.run(
-            [sys.executable, "-c", RUNNER, mode, tok, ",".join(files), str(workers), str(max_length), work],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-c",
+                RUNNER,
+                mode,
+                tok,
+                ",".join(files),
+                str(workers),
+                str(max_length),
+                work,
+            ],
+            capture_output=True,
+            text=True,
         )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -129,9 +140,12 @@ def main() -> None:
             for mode in ("prepare", "stream", "baseline"):
                 r = run(mode, tok, files, args.workers, args.max_length)
                 rows.append((mb, mode, r))
-                print(f"{mb:>5} MB {mode:9s} {r['tokens']:>11,} tokens {r['seconds']:7.1f} s "
-                      f"{r['tokens_per_sec']:>10,.0f} tok/s  rss {r['rss_mb']:6.0f} MB "
-                      f"(workers {r['worker_rss_mb']:5.0f} MB)", flush=True)
+                print(
+                    f"{mb:>5} MB {mode:9s} {r['tokens']:>11,} tokens {r['seconds']:7.1f} s "
+                    f"{r['tokens_per_sec']:>10,.0f} tok/s  rss {r['rss_mb']:6.0f} MB "
+                    f"(workers {r['worker_rss_mb']:5.0f} MB)",
+                    flush=True,
+                )
         print()
         print("| corpus | pipeline | tokens/s | vs baseline | peak RSS main / worker (MB) |")
         print("|---|---|---|---|---|")
@@ -139,9 +153,11 @@ def main() -> None:
             base = next(r for m, mode, r in rows if m == mb and mode == "baseline")
             for m, mode, r in rows:
                 if m == mb:
-                    print(f"| {mb:g} MB | {mode} | {r['tokens_per_sec']:,.0f} | "
-                          f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x | "
-                          f"{r['rss_mb']:.0f} / {r['worker_rss_mb']:.0f} |")
+                    print(
+                        f"| {mb:g} MB | {mode} | {r['tokens_per_sec']:,.0f} | "
+                        f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x | "
+                        f"{r['rss_mb']:.0f} / {r['worker_rss_mb']:.0f} |"
+                    )
 
 
 if __name__ == "__main__":

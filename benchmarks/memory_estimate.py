@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/memory_estimate.py           # every case in every allocator mode
     .venv/bin/python benchmarks/memory_estimate.py --quick   # the first two cases, "live" only
 
-About 25 minutes on 2 CPU cores for everything (the 151,936-row LM head dominates the compute).
+About 12 minutes on 2 CPU cores for everything (the 151,936-row LM head dominates the compute).
 
 Each case trains a tiny Qwen2.5-shaped model (``make_tiny_model``: 151,936 vocabulary rows, so
 the logits are big) for a few fp32 steps (``use_bf16=False``) in a fresh subprocess, and measures:
 - baseline: VmRSS right before the trainer loads the model (imports, tokenizer and tokenized
   data are already resident); the peak counter (VmHWM) is reset there (``/proc/self/clear_refs``);
-- static: VmRSS right after the last optimizer step (weights, gradients and optimizer state are
-  all held there), minus the baseline;
+- after step: VmRSS right after the last optimizer step (weights, gradients and optimizer state
+  are all held there, and on CPU the fused loss's chunk workspace), minus the baseline;
 - peak: VmHWM after the last optimizer step, minus the baseline;
 and compares them with ``estimate_memory`` (weights, grads, optimizer, its step temporaries,
 activations and logits; on CPU there is no CUDA overhead and no autocast copy).
@@ -45,7 +45,7 @@ SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, interme
 # name, make_tiny_model kwargs, CPTConfig overrides
 CASES = [
     (
-        "AdamW, plain loss, no ckpt, 2x256, accum 2",
+        "h256 AdamW, plain loss, no ckpt, 2x256, accum 2",
         SMALL,
         dict(
             per_device_train_batch_size=2,
@@ -56,7 +56,7 @@ CASES = [
         ),
     ),
     (
-        "AdamW, chunked loss 256, full ckpt, 2x512, accum 2",
+        "h256 AdamW, chunked loss 256, full ckpt, 2x512, accum 2",
         SMALL,
         dict(
             per_device_train_batch_size=2,
@@ -68,7 +68,7 @@ CASES = [
         ),
     ),
     (
-        "Muon, plain loss, no ckpt, 2x256, accum 2",
+        "h256 Muon, plain loss, no ckpt, 2x256, accum 2",
         SMALL,
         dict(
             per_device_train_batch_size=2,
@@ -80,7 +80,7 @@ CASES = [
         ),
     ),
     (
-        "AdamW, plain loss, no ckpt, 2x256, accum 1",
+        "h256 AdamW, plain loss, no ckpt, 2x256, accum 1",
         SMALL,
         dict(
             per_device_train_batch_size=2,
@@ -170,6 +170,11 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         # gradients are still held here (zero_grad comes next): weights + grads + optimizer
         measured["static"] = _status("VmRSS")
         measured["peak"] = _status("VmHWM")
+        if isinstance(optimizer, torch.optim.AdamW):  # which AdamW the trainer built
+            d = optimizer.defaults
+            measured["adamw_impl"] = (
+                "fused" if d.get("fused") else "foreach" if d.get("foreach") else "single"
+            )
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -216,14 +221,16 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         chunked_loss=cfg.use_fused_loss,
         loss_chunk_size=cfg.loss_chunk_size,
         device="cpu",
+        adamw_impl=measured.get("adamw_impl", "fused"),
     )
     c = est.components
     return {
         "measured_static": measured["static"] - measured["baseline"],
         "measured_peak": measured["peak"] - measured["baseline"],
-        "estimated_static": c["weights"] + c["grads"] + c["optimizer"],
+        "estimated_static": c["weights"] + c["grads"] + c["optimizer"] + c["loss_workspace"],
         "estimated_peak": est.peak,
         "components": est.components,
+        "adamw_impl": measured.get("adamw_impl", "-"),
         "wall_s": wall,
     }
 
@@ -284,18 +291,19 @@ def main() -> int:
         f"Python {platform.python_version()}; {STEPS} fp32 steps per case\n"
     )
     print(
-        "| case | allocator | weights+grads+optimizer est. / meas. (MiB) | peak est. (MiB) | "
-        "peak meas. (MiB) | peak error | est. transients (MiB): step temp, activations, logits |"
+        "| case | allocator | AdamW | after step est. / meas. (MiB) | peak est. (MiB) | "
+        "peak meas. (MiB) | peak error | est. (MiB): step temp, activations, logits, loss workspace |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
         c = {k: v / MiB for k, v in r["components"].items()}
         err = (r["estimated_peak"] - r["measured_peak"]) / r["measured_peak"]
         print(
-            f"| {name} | {mode} | {r['estimated_static'] / MiB:.0f} / "
+            f"| {name} | {mode} | {r['adamw_impl']} | {r['estimated_static'] / MiB:.0f} / "
             f"{r['measured_static'] / MiB:.0f} | "
             f"{r['estimated_peak'] / MiB:.0f} | {r['measured_peak'] / MiB:.0f} | {err:+.1%} | "
-            f"{c['optimizer_step_temp']:.0f}, {c['activations']:.0f}, {c['logits']:.0f} |"
+            f"{c['optimizer_step_temp']:.0f}, {c['activations']:.0f}, {c['logits']:.0f}, "
+            f"{c['loss_workspace']:.0f} |"
         )
     return 0
 

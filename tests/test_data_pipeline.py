@@ -257,3 +257,27 @@ def test_nothing_to_train_on_is_named_before_anything_is_written(tmp_path, tiny_
         with pytest.raises(DataError, match=message):
             CPTTrainer(cfg).train()
         assert not out.exists()
+
+
+def test_restore_reads_from_the_saved_offset_not_from_the_start(tmp_path, tokenizer):
+    """Restore cost is one piece's re-read, whatever the position: no replay of earlier data."""
+    f = _jsonl(tmp_path / "big.jsonl", [f"record {i} " + SAMPLE_TEXTS[i % 6] for i in range(3000)])
+    for k in (5, 2000):
+        s = _stream(tokenizer, [f], 24)
+        for _ in range(k):
+            s.next_block()
+        state = s.state_dict()
+        restored = _stream(tokenizer, [f], 24)
+        restored.load_state_dict(state)
+        seen = []
+
+        def recording(order, start=None, real=restored.source.pieces, seen=seen):
+            for p in real(order, start):
+                seen.append(p)
+                yield p
+
+        restored.source.pieces = recording
+        restored.next_block()
+        assert seen[0].pos == state["piece"]  # reading starts at the saved byte offset
+        assert state["piece"]["offset"] > 0 if k == 2000 else True
+        assert len(seen) <= 256  # one tokenizer batch, not the k blocks before it

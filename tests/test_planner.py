@@ -257,6 +257,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
         micro_batch=8,
         seq_len=8,
         optimizer="adamw",
+        adamw_impl="single",
         checkpointing="none",
         bf16=False,
         chunked_loss=False,
@@ -273,7 +274,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
     # x2 layers + final norm 768 + the bool mask 8 = 11624 per token, x 64 tokens
     assert c["activations"] == 11624 * 64
     assert c["logits"] == 12 * 1000 * 64
-    assert c["weight_copies"] == 0 and c["overhead"] == 0
+    assert c["weight_copies"] == 0 and c["overhead"] == 0 and c["loss_workspace"] == 0
     # one micro-batch per step: weights + optimizer + max(acts + logits, grads + step temp)
     assert est.peak == 626944 + 1253888 + max(743936 + 768000, 626944 + 512000)
     accum = estimate_memory(
@@ -281,6 +282,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
         micro_batch=8,
         seq_len=8,
         gradient_accumulation_steps=4,
+        adamw_impl="single",
         checkpointing="none",
         bf16=False,
         chunked_loss=False,
@@ -304,14 +306,37 @@ def test_memory_components_small_cuda_bf16_muon_by_hand():
     c = est.components
     # Muon: 4 B on the 92160 hidden-matrix params, 8 B on the other 64576
     assert c["optimizer"] == 4 * 92160 + 8 * 64576
-    assert c["optimizer_step_temp"] == 4 * 64576  # foreach AdamW buffer for its group
+    # fused AdamW has no temporaries; Newton-Schulz ~10 B x the largest matrix (64 x 176)
+    assert c["optimizer_step_temp"] == 10 * 64 * 176
     assert c["weight_copies"] == 2 * (92160 + 64000)  # bf16 copies of matrices and the head
     # bf16, flash-attn (no mask, native GQA): norm 2*4*64 + 2*64 = 640; full checkpointing keeps
     # 4*64 per layer, recomputes one layer (2*640 + 2*(64+32+32+64) + 16 + 4*2*176 = 3088) and
     # the final norm 640
     assert c["activations"] == (2 * 4 * 64 + 3088 + 640) * 16
-    assert c["logits"] == 12 * 1000 * 4 + 4 * 1000 * 64  # one chunk + the head's grad buffer
+    # fused loss in bf16: (4 + 2) B x vocab x (chunk of 4 tokens + hidden 64 for the head's grad)
+    assert c["logits"] == 6 * 1000 * (4 + 64)
     assert c["overhead"] == 1 * GiB
+
+
+def test_fused_loss_and_adamw_variants_on_cpu():
+    est = estimate_memory(
+        SMALL,
+        micro_batch=2,
+        seq_len=8,
+        bf16=False,
+        chunked_loss=True,
+        loss_chunk_size=4,
+        device="cpu",
+        adamw_impl="foreach",
+    )
+    c = est.components
+    # the fp32 chunk buffer, 4 x 1000 x 4 tokens, stays allocated between steps on a CPU
+    assert c["loss_workspace"] == 4 * 1000 * 4
+    assert c["logits"] == 4 * 1000 * 64  # the head's fp32 gradient, held into backward
+    assert c["optimizer_step_temp"] == 4 * SMALL_TOTAL  # foreach: one buffer for the group
+    assert "loss_workspace" in est.formula
+    with pytest.raises(PlannerError, match="adamw_impl"):
+        estimate_memory(SMALL, micro_batch=1, seq_len=8, adamw_impl="fast")
 
 
 def test_fsdp_shards_the_states():
@@ -320,6 +345,16 @@ def test_fsdp_shards_the_states():
     for k in ("weights", "grads", "optimizer"):
         assert four[k] == one[k] / 4
     assert four["activations"] == one["activations"]
+
+
+def test_checkpointing_every_kth_layer_by_hand():
+    # SMALL in bf16 on flash: a full layer saves 3088 B/token (see above), a checkpointed one
+    # its fp32 input 4*64; every 2nd of 2 layers: layer 0 checkpointed, layer 1 kept, plus the
+    # recomputed layer and the final norm 640
+    every2 = estimate_memory(
+        SMALL, micro_batch=1, seq_len=8, checkpointing="full", checkpoint_every=2
+    ).components["activations"]
+    assert every2 == (4 * 64 + 3088 + 3088 + 640) * 8
 
 
 def test_checkpointing_orders_activation_memory():

@@ -255,9 +255,16 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_qwen, tmp_path):
 
 def test_auto_learning_rate_and_batch_train_end_to_end(tiny_qwen, tmp_path):
     out = tmp_path / "auto"
-    cfg = CPTConfig(model_name_or_path=tiny_qwen, output_dir=str(out), max_length=32,
-                    learning_rate="auto", per_device_train_batch_size="auto",
-                    gradient_accumulation_steps="auto", max_steps=2, logging_steps=1)
+    cfg = CPTConfig(
+        model_name_or_path=tiny_qwen,
+        output_dir=str(out),
+        max_length=32,
+        learning_rate="auto",
+        per_device_train_batch_size="auto",
+        gradient_accumulation_steps="auto",
+        max_steps=2,
+        logging_steps=1,
+    )
     loss = CPTTrainer(cfg).train(SAMPLE_TEXTS)
     assert math.isfinite(loss)
     import yaml

@@ -93,6 +93,22 @@ class Optimizers:
         }
 
 
+def _can_fuse(params: list[torch.Tensor]) -> bool | None:
+    """Fused AdamW (one kernel over all tensors, no temporaries) where torch has it.
+
+    On a CPU it steps 2.7x faster than the default single-tensor loop (0.23 s vs 0.62 s for the
+    19.5M parameters of a hidden-128 Qwen2.5-shaped model, BENCHMARKS.md) and holds no
+    per-step temporaries; on CUDA it is what HF Trainer uses by default (adamw_torch_fused).
+    None (torch's own choice) on other devices or dtypes.
+    """
+    ok = all(
+        p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for p in params
+    )
+    return True if ok and params else None
+
+
 def build_optimizers(model, cfg) -> Optimizers:
     split = split_parameters(model, cfg.use_muon_optimizer)
     adamw_groups = [
@@ -116,7 +132,7 @@ def build_optimizers(model, cfg) -> Optimizers:
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
-            fused=None,
+            fused=_can_fuse([p for g in adamw_groups for p in g["params"]]),
         )
     for opt in opts.values():  # the peak lr; the schedule scales it each step (as torch's do)
         for group in opt.param_groups:

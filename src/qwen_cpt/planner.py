@@ -36,7 +36,7 @@ DEFAULT_MFU = 0.4  # torchtitan Llama-3.1-8B on H100 with torch.compile: about 3
 USABLE_FRACTION = 0.9  # headroom for allocator fragmentation; the verdict compares to 90%
 CUDA_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS and NCCL workspaces (0.5 to 1.5 GiB)
 # On CPU the trainer keeps freed blocks in glibc's heap (model.tune_cpu_allocator), and its RSS
-# peaked at 1.9x to 2.4x the live peak in benchmarks/memory_estimate.py (BENCHMARKS.md), so
+# peaked at 1.5x to 2.3x the live peak in benchmarks/memory_estimate.py (BENCHMARKS.md), so
 # resolve_auto sizes CPU micro-batches against memory / 2.5.
 CPU_RSS_FACTOR = 2.5
 
@@ -366,7 +366,7 @@ class MemoryEstimate:
     def peak(self) -> float:
         c = self.components
         transient = c["weight_copies"] + c["activations"] + c["logits"]
-        static = c["weights"] + c["optimizer"] + c["overhead"]
+        static = c["weights"] + c["optimizer"] + c["loss_workspace"] + c["overhead"]
         if self.grads_held_in_forward:
             return static + c["grads"] + max(transient, c["optimizer_step_temp"])
         return static + max(transient, c["grads"] + c["optimizer_step_temp"])
@@ -374,9 +374,10 @@ class MemoryEstimate:
     @property
     def formula(self) -> str:
         transient = "weight_copies + activations + logits"
+        static = "weights + optimizer + loss_workspace + overhead"
         if self.grads_held_in_forward:
-            return f"weights + optimizer + overhead + grads + max({transient}, optimizer_step_temp)"
-        return f"weights + optimizer + overhead + max({transient}, grads + optimizer_step_temp)"
+            return f"{static} + grads + max({transient}, optimizer_step_temp)"
+        return f"{static} + max({transient}, grads + optimizer_step_temp)"
 
     @property
     def fits(self) -> bool | None:
@@ -389,6 +390,7 @@ def activation_bytes_per_token(
     act_bytes: int,
     resid_bytes: int = 4,
     mask_len: int = 0,
+    checkpoint_every: int = 1,
 ) -> float:
     """Bytes of saved activations per token of a micro-batch, summed over the decoder.
 
@@ -406,7 +408,9 @@ def activation_bytes_per_token(
       mask (S bytes per token). flash_attention_2's varlen path, or unpacked SDPA, needs neither;
     - MLP: gate and up outputs, silu(gate) and the product fed to down_proj (4 x I).
     ``full`` checkpointing (one checkpoint per layer, as HF does) keeps only each layer's input
-    and recomputes one layer at a time in backward. ``selective`` is op-level selective
+    and recomputes one layer at a time in backward; with ``checkpoint_every=k`` only layers
+    0, k, 2k, ... are checkpointed (transformers' ``every_n_layers``) and the others keep all
+    their activations. ``selective`` is op-level selective
     recomputation (as torchtitan's): matmul and attention outputs are kept, norms, RoPE and
     activation functions are recomputed. Dropout is off in these models, so no masks.
     """
@@ -426,28 +430,41 @@ def activation_bytes_per_token(
     if checkpointing == "none":
         return shape.num_layers * layer + norm + shared_mask
     if checkpointing == "full":
-        return shape.num_layers * r * h + layer + norm + shared_mask
+        _positive(checkpoint_every=checkpoint_every)
+        n_ckpt = math.ceil(shape.num_layers / checkpoint_every)
+        kept = n_ckpt * r * h + (shape.num_layers - n_ckpt) * layer
+        return kept + layer + norm + shared_mask
     kept = r * h + a * (q_dim + 2 * kv_saved + q_dim + h + 2 * i + h) + lse + mask_per_layer
     return shape.num_layers * kept + norm + shared_mask
 
 
 def logits_bytes(
-    vocab_size: int, hidden_size: int, tokens: int, chunked: bool, chunk_size: int
+    vocab_size: int,
+    hidden_size: int,
+    tokens: int,
+    chunked: bool,
+    chunk_size: int,
+    bf16: bool = False,
 ) -> float:
-    """Peak bytes of the LM head's logits and the cross-entropy around them.
+    """Peak bytes of the LM head's logits and the cross-entropy around them (``loss.py``).
 
-    At the peak (start of backward) there are three fp32 ``[tokens x vocab]`` tensors: the
-    log-probabilities cross-entropy saved, their gradient and the gradient of the logits; in the
-    forward, the (bf16) logits, their fp32 copy and the log-probabilities coexist, which is not
-    more. So 12 bytes per token and vocabulary entry: 0.29 GiB of bf16 logits per 1k tokens
-    (REFERENCE.md) becomes 1.7 GiB. The chunked loss (``use_fused_loss``) holds that for one
-    chunk of ``loss_chunk_size`` tokens at a time, plus the head's fp32 weight gradient summed
-    over the chunks done so far (autograd's input buffer, ``vocab x hidden x 4`` bytes), which
-    lives while the next chunk's logits are at their peak.
+    Plain loss (the model's own logits): at the start of backward three fp32
+    ``[tokens x vocab]`` tensors coexist, the log-probabilities cross-entropy saved, their
+    gradient and the logits' gradient (in the forward, the bf16 logits, their fp32 copy and the
+    log-probabilities, which is not more): 12 B per token and vocabulary entry, so the 0.29 GiB
+    of bf16 logits per 1k tokens (REFERENCE.md) becomes 1.7 GiB.
+
+    Fused chunked loss (``use_fused_loss``, Liger-Kernel's FusedLinearCrossEntropy): one fp32
+    ``[chunk x vocab]`` buffer turned into its own gradient in place (4 B), plus the head's fp32
+    weight gradient accumulated over the chunks in the forward and held until backward
+    (``vocab x hidden x 4`` B). With bf16 matmuls add a bf16 copy of the chunk (2 B) and of one
+    chunk's weight gradient (``vocab x hidden x 2`` B). On a CPU the chunk buffer is a workspace
+    kept between steps: see :func:`estimate_memory`.
     """
-    if chunked:
-        return 12.0 * vocab_size * min(tokens, chunk_size) + 4.0 * vocab_size * hidden_size
-    return 12.0 * vocab_size * tokens
+    if not chunked:
+        return 12.0 * vocab_size * tokens
+    per_elem = 6.0 if bf16 else 4.0
+    return per_elem * vocab_size * (min(tokens, chunk_size) + hidden_size)
 
 
 def estimate_memory(
@@ -464,6 +481,8 @@ def estimate_memory(
     loss_chunk_size: int = 1024,
     device: str = "cuda",
     packed_mask: bool | None = None,
+    checkpoint_every: int = 1,
+    adamw_impl: str = "fused",
     capacity_bytes: float | None = None,
     param_counts: ParamCounts | None = None,
 ) -> MemoryEstimate:
@@ -474,21 +493,27 @@ def estimate_memory(
     - optimizer: AdamW keeps two fp32 moments, 8 B/param (the fp32 master copy is the weights
       themselves, so AdamW totals 16 B/param with weights and grads). Muon keeps one fp32
       momentum on the hidden matrices (4 B) and AdamW's 8 B on embeddings, head, norms, biases;
-    - optimizer_step_temp: AdamW's temporaries; PyTorch's foreach AdamW (CUDA) allocates one
-      sqrt(v) buffer for a whole parameter group, 4 B/param; the single-tensor path (CPU) two
-      buffers the size of the largest parameter;
+    - optimizer_step_temp: ``adamw_impl="fused"`` (the trainer's choice on CPU and CUDA) has
+      no temporaries; PyTorch's ``"foreach"`` AdamW allocates one sqrt(v) buffer for a whole
+      parameter group, 4 B/param; ``"single"`` (the per-tensor loop) two buffers the size of
+      the largest parameter. Muon adds Newton-Schulz on the largest matrix: a few bf16 copies
+      and one fp32 update, about 10 B per element;
     - weight_copies: autocast's cached bf16 copies of every matmul weight, 2 B/param (CUDA bf16
       only; under FSDP the unsharded bf16 working set of about two blocks or the embedding);
     - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len; ``packed_mask``
       (default: off CUDA) when SDPA gets the block-causal mask of packed documents, which
       flash_attention_2's varlen path (CUDA) does without;
-    - logits: :func:`logits_bytes`;
+    - logits: :func:`logits_bytes`; on CPU the fused loss's fp32 chunk buffer
+      (4 B x chunk x vocab) is a workspace kept between steps, so it is ``loss_workspace``,
+      held even during the optimizer step (on CUDA the caching allocator reuses it instead);
     - overhead: CUDA context and library workspaces (1 GiB), none on CPU.
     ``world_size > 1`` assumes FSDP/ZeRO-3: weights, grads and optimizer state are sharded.
     """
     _positive(micro_batch=micro_batch, seq_len=seq_len, world_size=world_size)
     if optimizer not in ("adamw", "muon"):
         raise PlannerError(f"optimizer: must be adamw or muon, got {optimizer!r}")
+    if adamw_impl not in ("fused", "foreach", "single"):
+        raise PlannerError(f"adamw_impl: must be fused, foreach or single, got {adamw_impl!r}")
     p = param_counts or count_params(shape)
     cuda = device.startswith("cuda")
     shards = world_size
@@ -502,7 +527,13 @@ def estimate_memory(
     else:
         opt = 4.0 * p.matrices + 8.0 * p.adamw_only
         adamw_group = p.adamw_only
-    step_temp = 4.0 * adamw_group / shards if cuda else 8.0 * max(p.embedding, p.largest_matrix)
+    step_temp = {
+        "fused": 0.0,
+        "foreach": 4.0 * adamw_group / shards,
+        "single": 8.0 * max(p.embedding, p.largest_matrix),
+    }[adamw_impl]
+    if optimizer == "muon":
+        step_temp += 10.0 * p.largest_matrix
 
     if bf16 and cuda and world_size == 1:
         copies = 2.0 * matmul_params
@@ -514,7 +545,9 @@ def estimate_memory(
     if packed_mask is None:
         packed_mask = not cuda
     mask_len = seq_len if packed_mask else 0
-    act = activation_bytes_per_token(shape, checkpointing, act_bytes, mask_len=mask_len) * tokens
+    act = tokens * activation_bytes_per_token(
+        shape, checkpointing, act_bytes, mask_len=mask_len, checkpoint_every=checkpoint_every
+    )
     mask_note = ", SDPA with the packed block-causal mask" if packed_mask else ""
     components = {
         "weights": 4.0 * p.total / shards,
@@ -524,10 +557,15 @@ def estimate_memory(
         "weight_copies": copies,
         "activations": act,
         "logits": logits_bytes(
-            shape.vocab_size, shape.hidden_size, tokens, chunked_loss, loss_chunk_size
+            shape.vocab_size, shape.hidden_size, tokens, chunked_loss, loss_chunk_size, bf16
         ),
+        "loss_workspace": 0.0,
         "overhead": CUDA_OVERHEAD_BYTES if cuda else 0.0,
     }
+    if chunked_loss and not cuda:
+        workspace = 4.0 * shape.vocab_size * min(tokens, loss_chunk_size)
+        components["loss_workspace"] = workspace
+        components["logits"] -= workspace
     shard_note = f", sharded over {world_size} devices (FSDP)" if world_size > 1 else ""
     notes = {
         "weights": f"fp32 master weights, 4 B/param{shard_note}",
@@ -538,11 +576,12 @@ def estimate_memory(
             else "Muon: 1 fp32 momentum on hidden matrices (4 B), AdamW on the rest (8 B)"
         )
         + shard_note,
-        "optimizer_step_temp": (
-            "foreach AdamW's sqrt(v) buffer, 4 B/param of its group"
-            if cuda
-            else "single-tensor AdamW: 2 buffers of the largest parameter"
-        ),
+        "optimizer_step_temp": {
+            "fused": "fused AdamW: none",
+            "foreach": "foreach AdamW's sqrt(v) buffer, 4 B/param of its group",
+            "single": "single-tensor AdamW: 2 buffers of the largest parameter",
+        }[adamw_impl]
+        + ("; Newton-Schulz on the largest matrix" if optimizer == "muon" else ""),
         "weight_copies": (
             "bf16 autocast copies of matmul weights, 2 B/param"
             if copies and world_size == 1
@@ -550,15 +589,24 @@ def estimate_memory(
             if copies
             else "none (fp32 or CPU)"
         ),
-        "activations": f"{_CKPT_NAMES[checkpointing]} checkpointing, "
-        f"{micro_batch} x {seq_len} tokens, "
+        "activations": f"{_CKPT_NAMES[checkpointing]} checkpointing"
+        + (
+            f" of every {checkpoint_every}th layer"
+            if checkpointing == "full" and checkpoint_every > 1
+            else ""
+        )
+        + f", {micro_batch} x {seq_len} tokens, "
         f"{'bf16' if bf16 else 'fp32'}{mask_note}",
         "logits": (
-            f"chunked loss, {min(tokens, loss_chunk_size)} tokens x {shape.vocab_size} x 12 B "
-            "+ the head's gradient buffer"
+            f"fused chunked loss: {min(tokens, loss_chunk_size)}-token chunk x "
+            f"{shape.vocab_size} + the head's fp32 gradient"
+            + (" (chunk buffer under loss_workspace)" if not cuda else "")
             if chunked_loss
             else f"full logits, {tokens} tokens x {shape.vocab_size} x 12 B"
         ),
+        "loss_workspace": "the fused loss's chunk buffer, kept between steps on CPU"
+        if chunked_loss and not cuda
+        else "none",
         "overhead": "CUDA context and workspaces" if cuda else "none (CPU)",
     }
     return MemoryEstimate(
@@ -693,6 +741,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         loss_chunk_size=cfg.loss_chunk_size,
         device=device,
         packed_mask=cfg.document_aware_packing and not flash,
+        checkpoint_every=getattr(cfg, "gradient_checkpointing_every_n_layers", 1),
         capacity_bytes=capacity,
         param_counts=p,
     )

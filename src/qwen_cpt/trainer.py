@@ -831,6 +831,8 @@ def _log_line(bar, step: int, total: int, m: dict) -> None:
         f"avg {m['avg_loss']:.4f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_sec']:.0f} tok/s | mem {m['memory_gb']:.2f} GB"
     )
+    if "tflops" in m:
+        line += f" | {m['tflops']:.3g} TFLOP/s" + (f" (MFU {m['mfu']:.1%})" if "mfu" in m else "")
     if bar.disable:
         log.info(line)
     else:
