@@ -1,7 +1,7 @@
 """CPTTrainer vs transformers.Trainer (run_clm recipe) on CPU: throughput and peak memory.
 
     .venv/bin/pip install -e ".[bench]"                      # accelerate, for transformers.Trainer
-    .venv/bin/python benchmarks/cpu_vs_hf_trainer.py         # seq 2048 and 512, about 4-6 minutes
+    .venv/bin/python benchmarks/cpu_vs_hf_trainer.py         # seq 2048 and 512, about 5-6 minutes
     .venv/bin/python benchmarks/cpu_vs_hf_trainer.py --seq 2048 --steps 3
 
 Same model, same text, same tokens per step, same optimizer family, each trainer in its own
@@ -23,8 +23,9 @@ Throughput: tokens of the measured steps over their wall time, from the end of t
 (warm-up) optimizer step to the end of the last, time-stamped by one global optimizer-step
 hook in both processes. Memory: the process's peak RSS (VmHWM) at the end of the last step,
 and the same minus the RSS just before the model is loaded (imports, tokenizer and text are
-already resident there in both). The machine is shared: the load average is printed with
-each run; compare ratios from the same invocation.
+already resident there in both). The machine may be shared: each trainer runs ``--repeats``
+times, alternating ours and HF, and the table compares the fastest run of each (other
+processes can only slow a run down); the load average is printed with each run.
 """
 
 from __future__ import annotations
@@ -203,6 +204,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 512])
     ap.add_argument("--steps", type=int, default=4, help="measured steps after 1 warm-up step")
     ap.add_argument("--tokens-per-step", type=int, default=2048, help="batch = this / seq")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each trainer, alternating ours/HF; the fastest of each is compared",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -232,17 +239,24 @@ def main() -> int:
         model_dir = str(make_tiny_model(Path(tmp) / "tiny", seed=0, **MODEL))
         for seq in args.seq:
             batch = max(1, args.tokens_per_step // seq)
-            res = {}
-            for which in ("ours", "hf"):
+            res: dict[str, dict] = {}
+            for rep, which in enumerate(["ours", "hf"] * args.repeats):
                 a = dict(
                     model_dir=model_dir,
-                    out_dir=str(Path(tmp) / f"{which}-{seq}"),
+                    out_dir=str(Path(tmp) / f"{which}-{seq}-{rep}"),
                     seq=seq,
                     batch=batch,
                     steps=args.steps,
                 )
-                res[which] = run_child(which, a, timeout=900)
-                r = res[which]
+                r = run_child(which, a, timeout=900)
+                # interference from other processes only slows a run down: keep the fastest
+                # run's throughput, and the highest peak RSS seen
+                best = res.get(which)
+                if best is None or r["tok_s"] > best["tok_s"]:
+                    r["peak"] = max(r["peak"], best["peak"]) if best else r["peak"]
+                    res[which] = r
+                else:
+                    best["peak"] = max(best["peak"], r["peak"])
                 print(
                     f"seq {seq} x batch {batch}, {which}: {r['tok_s']:.0f} tok/s, steps "
                     f"{r['step_s']} s, peak RSS {r['peak'] / MiB:.0f} MiB (baseline "

@@ -292,7 +292,8 @@ def main() -> int:
     )
     print(
         "| case | allocator | AdamW | after step est. / meas. (MiB) | peak est. (MiB) | "
-        "peak meas. (MiB) | peak error | est. (MiB): step temp, activations, logits, loss workspace |"
+        "peak meas. (MiB) | peak error | est. (MiB): activations, logits, loss workspace, "
+        "step temp, embedding grad |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
@@ -302,8 +303,8 @@ def main() -> int:
             f"| {name} | {mode} | {r['adamw_impl']} | {r['estimated_static'] / MiB:.0f} / "
             f"{r['measured_static'] / MiB:.0f} | "
             f"{r['estimated_peak'] / MiB:.0f} | {r['measured_peak'] / MiB:.0f} | {err:+.1%} | "
-            f"{c['optimizer_step_temp']:.0f}, {c['activations']:.0f}, {c['logits']:.0f}, "
-            f"{c['loss_workspace']:.0f} |"
+            f"{c['activations']:.0f}, {c['logits']:.0f}, {c['loss_workspace']:.0f}, "
+            f"{c['optimizer_step_temp']:.0f}, {c['embedding_grad']:.0f} |"
         )
     return 0
 

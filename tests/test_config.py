@@ -105,3 +105,13 @@ def test_conflicting_options_are_reported():
         )
     msg = str(info.value)
     assert "conflict" in msg and "points at output_dir itself" in msg and "nan_policy" in msg
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\nlearning_rate: 5e-5\nweight_decay: 1e-2\n")
+    cfg = CPTConfig.from_yaml(path)
+    assert cfg.learning_rate == 5e-5 and cfg.weight_decay == 0.01
+    path.write_text("model_name_or_path: m\nlearning_rate: fast\n")
+    with pytest.raises(ConfigError, match="learning_rate: expected float or auto, got 'fast'"):
+        CPTConfig.from_yaml(path)

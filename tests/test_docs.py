@@ -10,7 +10,7 @@
       ``gradient_accumulation_steps=<n>`` become 1: the tiny model still has Qwen's 152k-row LM
       head, and a full 2048-token batch of 16 blocks costs minutes on a shared 2-core CPU;
     * ``dataloader_num_workers=<n>`` becomes 0 (worker tokenization has its own tests);
-    * ``WANDB_MODE=disabled``, so ``wandb_project`` runs the W&B code path without a service.
+    * ``WANDB_MODE=offline``, so ``wandb_project`` runs the W&B code path without a network.
   A block preceded by the line ``<!-- no-test -->`` is skipped (use sparingly).
 - docs/guide.zh.md holds the same code as the English guide: its python blocks equal the English
   ones token for token once comments are dropped, and its shell commands are the same.
@@ -163,7 +163,10 @@ def adapt(code: str, model: str) -> str:
 
 def test_python_blocks_run(tiny_qwen, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    # offline, not disabled: wandb keeps the first mode it sees for the whole process, and the
+    # tracker tests after this one need offline runs
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     _write_sample_data(tmp_path)
     done: set[tuple] = set()  # the guide repeats the README's snippet: run each code once
     for doc in (README, GUIDE_EN):
@@ -272,7 +275,7 @@ def test_7b_example_memory_claims():
     muon = _plan(name, 2e9, "H200")
     adamw = _plan(name, 2e9, "H200", use_muon_optimizer=False)
     assert muon.memory["fits"] and round(muon.memory["peak_gib"], -1) == 110
-    assert not adamw.memory["fits"] and round(adamw.memory["peak_gib"]) in (142, 143)
+    assert not adamw.memory["fits"] and round(adamw.memory["peak_gib"]) == 134
     assert not _plan(name, 2e9, "H100").memory["fits"]
     assert not _plan(name, 2e9, "A100").memory["fits"]
 

@@ -275,6 +275,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
     assert c["activations"] == 11624 * 64
     assert c["logits"] == 12 * 1000 * 64
     assert c["weight_copies"] == 0 and c["overhead"] == 0 and c["loss_workspace"] == 0
+    assert c["embedding_grad"] == 4 * 1000 * 64  # the tied head's gradient waits for it
     # one micro-batch per step: weights + optimizer + max(acts + logits, grads + step temp)
     assert est.peak == 626944 + 1253888 + max(743936 + 768000, 626944 + 512000)
     accum = estimate_memory(
@@ -289,6 +290,7 @@ def test_memory_components_small_cpu_fp32_by_hand():
         device="cpu",
     )
     assert accum.peak == 626944 * 2 + 1253888 + 743936 + 768000  # grads held through forward
+    assert accum.components["embedding_grad"] == 2 * 4 * 1000 * 64  # + the new one beside .grad
 
 
 def test_memory_components_small_cuda_bf16_muon_by_hand():
@@ -335,6 +337,21 @@ def test_fused_loss_and_adamw_variants_on_cpu():
     assert c["logits"] == 4 * 1000 * 64  # the head's fp32 gradient, held into backward
     assert c["optimizer_step_temp"] == 4 * SMALL_TOTAL  # foreach: one buffer for the group
     assert "loss_workspace" in est.formula
+    # with accumulation, after backward: the tied head's and the embedding's gradients beside
+    # .grad (2 x 4 x 1000 x 64) outweigh the transients (activations + 256000 of logits)
+    held = estimate_memory(
+        SMALL,
+        micro_batch=1,
+        seq_len=2,
+        gradient_accumulation_steps=2,
+        bf16=False,
+        loss_chunk_size=4,
+        device="cpu",
+    )
+    c = held.components
+    static = c["weights"] + c["optimizer"] + c["loss_workspace"] + c["grads"]
+    assert c["activations"] + c["logits"] < 512000
+    assert held.peak == static + 512000
     with pytest.raises(PlannerError, match="adamw_impl"):
         estimate_memory(SMALL, micro_batch=1, seq_len=8, adamw_impl="fast")
 

@@ -315,6 +315,7 @@ class CPTConfig:
             errors.append(f"{key}: unknown field" + (f" (did you mean {hint}?)" if hint else ""))
         if errors:
             raise ConfigError(errors, source)
+        data = {k: _yaml_number(v) if k in _FLOAT_FIELDS else v for k, v in data.items()}
         try:
             return cls(**data)
         except ConfigError as exc:
@@ -375,6 +376,16 @@ def _source_errors(sources: list[dict]) -> list[str]:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             errors.append(f"{where}.weight: must be a number > 0, got {w!r}")
     return errors
+
+
+def _yaml_number(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``5e-5`` as the string '5e-5'; users mean the number."""
+    if isinstance(value, str) and value.strip().lower() != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def field_help() -> dict[str, str]:
@@ -447,3 +458,10 @@ def _closest(name: str, candidates: set[str]) -> str | None:
 
     match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+_FLOAT_FIELDS = {
+    name
+    for name, hint in typing.get_type_hints(CPTConfig).items()
+    if hint is float or float in typing.get_args(hint)
+}

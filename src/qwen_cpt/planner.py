@@ -35,8 +35,8 @@ BYTES_PER_TOKEN_ESTIMATE = 3.6  # UTF-8 bytes per Qwen2.5 token, a rough average
 DEFAULT_MFU = 0.4  # torchtitan Llama-3.1-8B on H100 with torch.compile: about 39% (REFERENCE.md)
 USABLE_FRACTION = 0.9  # headroom for allocator fragmentation; the verdict compares to 90%
 CUDA_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS and NCCL workspaces (0.5 to 1.5 GiB)
-# On CPU the trainer keeps freed blocks in glibc's heap (model.tune_cpu_allocator), and its RSS
-# peaked at 1.5x to 2.3x the live peak in benchmarks/memory_estimate.py (BENCHMARKS.md), so
+# On CPU the trainer keeps freed blocks in glibc's heap (model.tune_cpu_allocator): its RSS
+# peaked at 1.1x to 2.3x the live peak in benchmarks/memory_estimate.py (BENCHMARKS.md), so
 # resolve_auto sizes CPU micro-batches against memory / 2.5.
 CPU_RSS_FACTOR = 2.5
 
@@ -349,7 +349,8 @@ class MemoryEstimate:
     """Bytes per device by component; ``peak`` is when they coexist, ``capacity`` what there is.
 
     Activations, logits and autocast weight copies (the forward/backward transients) die
-    before the optimizer step, and its temporaries die before the next forward. Gradients are
+    before the optimizer step, and its temporaries die before the next forward. The embedding's
+    gradient arrives last in backward, when the activations are gone (``embedding_grad``). Gradients are
     freed after each step (``zero_grad(set_to_none=True)``), so with one micro-batch per step
     they grow during backward while the activations shrink, and the peak is
     ``weights + optimizer + max(transients, grads + step temporaries)``; with gradient
@@ -367,17 +368,19 @@ class MemoryEstimate:
         c = self.components
         transient = c["weight_copies"] + c["activations"] + c["logits"]
         static = c["weights"] + c["optimizer"] + c["loss_workspace"] + c["overhead"]
+        after_backward = max(c["optimizer_step_temp"], c["embedding_grad"])
         if self.grads_held_in_forward:
-            return static + c["grads"] + max(transient, c["optimizer_step_temp"])
-        return static + max(transient, c["grads"] + c["optimizer_step_temp"])
+            return static + c["grads"] + max(transient, after_backward)
+        return static + max(transient, c["grads"] + after_backward)
 
     @property
     def formula(self) -> str:
         transient = "weight_copies + activations + logits"
         static = "weights + optimizer + loss_workspace + overhead"
+        late = "max(optimizer_step_temp, embedding_grad)"
         if self.grads_held_in_forward:
-            return f"{static} + grads + max({transient}, optimizer_step_temp)"
-        return f"{static} + max({transient}, grads + optimizer_step_temp)"
+            return f"{static} + grads + max({transient}, {late})"
+        return f"{static} + max({transient}, grads + {late})"
 
     @property
     def fits(self) -> bool | None:
@@ -503,6 +506,9 @@ def estimate_memory(
     - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len; ``packed_mask``
       (default: off CUDA) when SDPA gets the block-causal mask of packed documents, which
       flash_attention_2's varlen path (CUDA) does without;
+    - embedding_grad: at the end of backward the embedding's dense fp32 gradient exists beside
+      ``.grad`` until it is added in (with gradient accumulation), and with a tied head the
+      head's gradient waits in autograd's input buffer for it: 4 B x vocab x hidden for each;
     - logits: :func:`logits_bytes`; on CPU the fused loss's fp32 chunk buffer
       (4 B x chunk x vocab) is a workspace kept between steps, so it is ``loss_workspace``,
       held even during the optimizer step (on CUDA the caching allocator reuses it instead);
@@ -560,6 +566,10 @@ def estimate_memory(
             shape.vocab_size, shape.hidden_size, tokens, chunked_loss, loss_chunk_size, bf16
         ),
         "loss_workspace": 0.0,
+        "embedding_grad": 4.0
+        * shape.vocab_size
+        * shape.hidden_size
+        * (int(shape.tie_word_embeddings) + int(gradient_accumulation_steps > 1)),
         "overhead": CUDA_OVERHEAD_BYTES if cuda else 0.0,
     }
     if chunked_loss and not cuda:
@@ -604,6 +614,9 @@ def estimate_memory(
             if chunked_loss
             else f"full logits, {tokens} tokens x {shape.vocab_size} x 12 B"
         ),
+        "embedding_grad": "end of backward: the embedding's gradient"
+        + (" and the tied head's, waiting for it" if shape.tie_word_embeddings else "")
+        + (", before .grad += it" if gradient_accumulation_steps > 1 else ""),
         "loss_workspace": "the fused loss's chunk buffer, kept between steps on CPU"
         if chunked_loss and not cuda
         else "none",
