@@ -393,22 +393,6 @@ class IterableSource:
                 yield Piece(text, {"file": 0, "row": i})
 
 
-def make_source(spec, text_field: str, txt_split: str, skip_bad_records: bool, what: str):
-    """A source from file entries, a list of strings, or a datasets (Iterable)Dataset."""
-    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
-        if what.endswith("files"):
-            return FileSource(expand_paths(spec, what), text_field, txt_split, skip_bad_records)
-        return SequenceSource(list(spec), text_field)
-    mod = type(spec).__module__
-    if mod.startswith("datasets"):
-        if type(spec).__name__ == "IterableDataset":
-            return IterableSource(spec, text_field)
-        return SequenceSource(spec, text_field)
-    if isinstance(spec, (list, tuple)):
-        return SequenceSource(list(spec), text_field)
-    raise DataError(f"{what}: expected file paths, a list of texts or a datasets.Dataset")
-
-
 # --- legacy helpers used by small callers and tests ----------------------------------------------
 
 
@@ -621,26 +605,6 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def build_blocks(
-    texts: Iterable[str],
-    tokenizer,
-    max_length: int,
-    document_aware: bool = True,
-    num_workers: int = 0,
-    tokenizer_path: str | None = None,
-) -> list[Block]:
-    """All blocks of a small, in-memory corpus (eval sets)."""
-    token_docs = tokenize_documents(texts, tokenizer, num_workers, tokenizer_path)
-    return list(pack_documents(token_docs, max_length, tokenizer.eos_token_id, document_aware))
-
-
-def take(items: Iterable[str], limit: int | None) -> Iterator[str]:
-    for i, item in enumerate(items):
-        if limit is not None and i >= limit:
-            return
-        yield item
-
-
 # --- streams of blocks with an exact position -------------------------------------------------------
 
 
@@ -850,10 +814,6 @@ class SourceSpec:
     name: str
     source: Any
     weight: float = 1.0
-
-
-def _is_dataset(obj) -> bool:
-    return type(obj).__module__.startswith("datasets")
 
 
 def _file_or_cache_source(files: list[Path], text_field: str, cfg):
