@@ -22,6 +22,7 @@ What a ``checkpoint-<step>/`` holds:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -93,30 +94,28 @@ def verify(folder: Path, checksums: bool = True) -> str | None:
     return None
 
 
-def save_folder(target: Path, write_contents, manifest: bool = True) -> Path:
-    """Create ``target`` atomically: ``write_contents(tmp_dir)`` fills it, then it is committed.
-
-    On any failure (a full disk included) the partial folder is removed, the previous
-    ``target`` stays as it was, and the error propagates.
-    """
-    target = Path(target)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+@contextlib.contextmanager
+def _removing_on_failure(target: Path, tmp: Path):
+    """On any failure remove ``tmp``; a full disk becomes a clear CheckpointError."""
     try:
-        tmp.mkdir(parents=True)
-        write_contents(tmp)
-        if manifest:
-            write_manifest(tmp)
-        _fsync_tree(tmp)
+        yield
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise CheckpointError(
-                f"disk full while saving {target}; the partial save was removed and the previous "
-                "checkpoint is intact. Free space or lower save_total_limit, then resume."
+                f"disk full while saving {target}; the partial save was removed and the "
+                "previous checkpoint is intact. Free space or lower save_total_limit, then "
+                "resume."
             ) from exc
         raise
+
+
+def commit_folder(tmp: Path, target: Path, manifest: bool = True) -> Path:
+    """Write the manifest of the filled ``tmp``, fsync it, and rename it to ``target``."""
+    with _removing_on_failure(target, tmp):
+        if manifest:
+            write_manifest(tmp)
+        _fsync_tree(tmp)
     old = None
     if target.exists():  # replacing best/ or final/: move the old one aside, then swap
         old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
@@ -127,11 +126,32 @@ def save_folder(target: Path, write_contents, manifest: bool = True) -> Path:
     return target
 
 
-def save_model_dir(target: Path, model, tokenizer, config=None, state=None) -> Path:
-    """An HF-format model folder (``final/``, ``best/``): weights, tokenizer, config, state."""
+def save_folder(target: Path, write_contents, manifest: bool = True) -> Path:
+    """Create ``target`` atomically: ``write_contents(tmp_dir)`` fills it, then it is committed.
+
+    On any failure (a full disk included) the partial folder is removed, the previous
+    ``target`` stays as it was, and the error propagates.
+    """
+    target = Path(target)
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with _removing_on_failure(target, tmp):
+        tmp.mkdir(parents=True)
+        write_contents(tmp)
+    return commit_folder(tmp, target, manifest)
+
+
+def save_model_dir(
+    target: Path, model, tokenizer, config=None, state=None, state_dict=None
+) -> Path:
+    """An HF-format model folder (``final/``, ``best/``): weights, tokenizer, config, state.
+
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP2).
+    """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if config is not None:
             config.to_yaml(tmp / "config.yaml")

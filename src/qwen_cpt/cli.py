@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from typing import Any
@@ -197,7 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         from .trainer import CPTTrainer
 
         loss = CPTTrainer(cfg).train()
-        print(f"final average training loss: {loss:.4f}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+            print(f"final average training loss: {loss:.4f}")
         return 0
     if args.command == "prepare":
         return _prepare(args)

@@ -175,6 +175,19 @@ class CPTConfig:
         "datasheet figure; no MFU on a CPU or an unknown GPU).",
     )
 
+    # --- multi-GPU / multi-node (torchrun) -------------------------------------------------------
+    fsdp_cpu_offload: bool = _f(
+        False,
+        "Keep parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy) "
+        "and stream each layer to the GPU when it runs. Lets a model train on fewer or smaller "
+        "GPUs than it needs otherwise, at a large cost in speed; works on one process too.",
+    )
+    distributed_timeout_minutes: float = _f(
+        30.0,
+        "Under torchrun: how long a collective may wait for the other ranks before the run "
+        "fails with a timeout error instead of hanging (covers the slowest checkpoint save).",
+    )
+
     # --- logging, eval, saving -------------------------------------------------------------------
     output_dir: str = _f("./cpt_output", "Where checkpoints, final/, best/ and metrics go.")
     logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
@@ -229,6 +242,10 @@ class CPTConfig:
         need(
             self.peak_tflops is None or (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)),
             f"peak_tflops: must be > 0 or None, got {self.peak_tflops}",
+        )
+        need(
+            self.distributed_timeout_minutes > 0,
+            f"distributed_timeout_minutes: must be > 0, got {self.distributed_timeout_minutes}",
         )
         need(self.save_steps >= 0, f"save_steps: must be >= 0, got {self.save_steps}")
         need(

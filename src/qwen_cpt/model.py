@@ -141,15 +141,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, runtime: Runtime, trust_remote_code: bool = False):
-    """Load a causal LM in fp32 master weights on ``runtime.device``."""
+def load_model(
+    path: str,
+    runtime: Runtime,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+):
+    """Load a causal LM on ``runtime.device``, by default in fp32 master weights.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype (for FSDP2, which casts layer by layer).
+    """
     from transformers import AutoModelForCausalLM
 
     _check_source(path, "model_name_or_path")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch.float32,
+            dtype=dtype,
             attn_implementation=runtime.attn_implementation,
             trust_remote_code=trust_remote_code,
         )

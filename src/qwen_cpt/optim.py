@@ -109,7 +109,13 @@ def _can_fuse(params: list[torch.Tensor]) -> bool | None:
     return True if ok and params else None
 
 
-def build_optimizers(model, cfg) -> Optimizers:
+def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optimizers:
+    """Muon (+ AdamW) or AdamW for ``model``.
+
+    ``sharded``: the parameters are FSDP2 shards; Muon is then
+    :class:`qwen_cpt.distributed.DistributedMuon`, which orthogonalizes whole matrices (on
+    ``ns_device``) and otherwise matches ``torch.optim.Muon``.
+    """
     split = split_parameters(model, cfg.use_muon_optimizer)
     adamw_groups = [
         {"params": [p for _, p in split.adamw_decay], "weight_decay": cfg.weight_decay},
@@ -118,14 +124,21 @@ def build_optimizers(model, cfg) -> Optimizers:
     adamw_groups = [g for g in adamw_groups if g["params"]]
     opts: dict[str, torch.optim.Optimizer] = {}
     if split.muon:
-        opts["muon"] = torch.optim.Muon(
-            [p for _, p in split.muon],
+        muon_args = dict(
             lr=cfg.learning_rate,
             weight_decay=cfg.weight_decay,
             momentum=cfg.muon_momentum,
             nesterov=True,
             adjust_lr_fn="match_rms_adamw",
         )
+        if sharded:
+            from .distributed import DistributedMuon
+
+            opts["muon"] = DistributedMuon(
+                [p for _, p in split.muon], ns_device=ns_device, **muon_args
+            )
+        else:
+            opts["muon"] = torch.optim.Muon([p for _, p in split.muon], **muon_args)
     if adamw_groups:
         opts["adamw"] = torch.optim.AdamW(
             adamw_groups,

@@ -1,13 +1,20 @@
-"""``CPTTrainer``: the single-device continued-pretraining loop.
+"""``CPTTrainer``: the continued-pretraining loop, on one device or on many under torchrun.
 
 Order of work in :meth:`CPTTrainer.train`, chosen so that bad input costs nothing:
 config -> data sources -> resume checkpoint -> tokenizer -> tokenized data -> model ->
 output_dir. Any error before the last step leaves the disk untouched.
+
+Under torchrun (``WORLD_SIZE > 1``) or with ``fsdp_cpu_offload`` the same loop runs on FSDP2
+shards (:mod:`qwen_cpt.distributed`): every rank reads the same data stream and trains on its
+own slice of each global batch, the loss and stop signals are summed over ranks, and only rank
+0 writes logs, metrics and the small checkpoint files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,6 +43,15 @@ from .checkpoint import (
     verify,
 )
 from .config import CPTConfig
+from .distributed import (
+    DistContext,
+    clip_grad_norm,
+    full_state_dict,
+    init_distributed,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    shard_model,
+)
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
     Runtime,
@@ -181,6 +197,8 @@ class CPTTrainer:
         self.tokenizer = None
         self.state = TrainState()
         self._stop_signal: int | None = None
+        self._dist: DistContext | None = None
+        self._root = None  # the FSDP2 root (model + loss) when sharded
         setup_logging()
 
     # ------------------------------------------------------------------------------------------
@@ -196,9 +214,30 @@ class CPTTrainer:
         train_specs, eval_specs = D.resolve_sources(cfg, train_texts, eval_texts)
         out = Path(cfg.output_dir)
         _check_writable(out)
-        resume_dir = self._find_resume_checkpoint(out)
-
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 logs (or warns)
+            log.setLevel(logging.WARNING)
         runtime = resolve_runtime(cfg.device, cfg.use_bf16, cfg.use_flash_attention)
+        self._dist = init_distributed(
+            runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes
+        )
+        try:
+            return self._train_distributed_or_not(train_specs, eval_specs, out, runtime)
+        finally:
+            if self._dist is not None:
+                self._dist.close()
+
+    def _train_distributed_or_not(self, train_specs, eval_specs, out, runtime) -> float:
+        cfg = self.config
+        if self._dist is not None:
+            runtime = dataclasses.replace(runtime, device=self._dist.device)
+            log.info(
+                "distributed: %d ranks (FSDP2%s), this is rank %d on %s",
+                self._dist.world_size,
+                ", CPU offload" if cfg.fsdp_cpu_offload else "",
+                self._dist.rank,
+                runtime.device,
+            )
+        resume_dir = self._on_main(lambda: self._find_resume_checkpoint(out))
         seed_everything(cfg.seed)
         tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
         self.tokenizer = load_tokenizer(tok_path, cfg.trust_remote_code)
@@ -222,15 +261,20 @@ class CPTTrainer:
             data.close()
 
     def _train_on(self, data, eval_sets, blocks_per_epoch, runtime, resume_dir, out) -> float:
-        cfg = self.config
+        cfg, ctx = self.config, self._dist
 
-        self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
+        if ctx is None:
+            self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
+        else:  # on the CPU in the checkpoint's dtype; FSDP2 moves fp32 shards to the device
+            cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
+            self.model = load_model(cfg.model_name_or_path, cpu, cfg.trust_remote_code, "auto")
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
         self._resolve_auto(blocks_per_epoch, resume_dir)
         resumed = None
         if resume_dir is not None:
             resumed = self._check_resume(resume_dir, data)
-            self._load_weights(resume_dir)
+            if ctx is None:
+                self._load_weights(resume_dir)
         if cfg.use_gradient_checkpointing:
             enable_activation_checkpointing(self.model, cfg.gradient_checkpointing_every_n_layers)
         if cfg.use_torch_compile:
@@ -240,23 +284,35 @@ class CPTTrainer:
             log.info(
                 "loss: plain HF logits (chunked loss supports %s)", self.model.config.model_type
             )
-        optimizers = build_optimizers(self.model, cfg)
+        self._chunked = chunked  # what _loss_sum runs when not sharded
+        if ctx is not None:
+            self._root = shard_model(
+                self.model,
+                functools.partial(lm_loss_sum, chunked=chunked, chunk_size=cfg.loss_chunk_size),
+                ctx,
+                bf16_params=runtime.device.type == "cuda" and runtime.autocast_dtype is not None,
+                cpu_offload=cfg.fsdp_cpu_offload,
+            )
+        optimizers = build_optimizers(
+            self.model, cfg, sharded=ctx is not None, ns_device=runtime.device
+        )
         if resumed is not None:
             self._restore(resumed, optimizers)
             data.load_state_dict(resumed["state"]["data"]["position"])
 
         # Only now, with every input checked, does anything touch the disk.
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(out)
-        if resumed is not None:
-            _truncate_metrics(out / "metrics.jsonl", self.state.step)
-        cfg.to_yaml(out / "config.yaml")
-        trackers = build_trackers(cfg, out)
+        def prepare_output_dir() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(out)
+            if resumed is not None:
+                _truncate_metrics(out / "metrics.jsonl", self.state.step)
+            cfg.to_yaml(out / "config.yaml")
+
+        self._on_main(prepare_output_dir)
+        trackers = build_trackers(cfg, out) if self._is_main else Trackers([])
         try:
             with self._catch_stop_signals():
-                return self._loop(
-                    runtime, optimizers, trackers, data, eval_sets, blocks_per_epoch, chunked
-                )
+                return self._loop(runtime, optimizers, trackers, data, eval_sets, blocks_per_epoch)
         finally:
             trackers.close()
 
@@ -269,14 +325,14 @@ class CPTTrainer:
         data: D.Mixture,
         eval_sets: dict[str, list[D.Block]],
         blocks_per_epoch: int,
-        chunked: bool,
     ) -> float:
         cfg, model, st = self.config, self.model, self.state
         out = Path(cfg.output_dir)
+        world = self._world_size
         steps_per_epoch = max(
             1,
             math.ceil(
-                math.ceil(blocks_per_epoch / cfg.per_device_train_batch_size)
+                math.ceil(blocks_per_epoch / (cfg.per_device_train_batch_size * world))
                 / cfg.gradient_accumulation_steps
             ),
         )
@@ -294,7 +350,7 @@ class CPTTrainer:
                 return
             metrics, parts = {}, []
             for name, blocks in eval_sets.items():
-                loss_sum, n = self._eval_loss(blocks, runtime, chunked)
+                loss_sum, n = self._eval_loss(blocks, runtime)
                 parts.append((loss_sum, n))
                 if name not in ("eval", "eval_files") or len(eval_sets) > 1:
                     metrics[f"eval_loss/{name}"] = loss_sum / max(1, n)
@@ -320,7 +376,7 @@ class CPTTrainer:
             trackers.log(metrics, st.step)
             if st.step > 0 and (st.best_eval_loss is None or loss < st.best_eval_loss):
                 st.best_eval_loss = loss
-                save_model_dir(out / "best", model, self.tokenizer, cfg, asdict(st))
+                self._save_model(out / "best")
                 log.info("best: eval loss %.4f at step %d saved to %s", loss, st.step, out / "best")
             model.train()
 
@@ -328,11 +384,13 @@ class CPTTrainer:
         if st.step == 0:
             trackers.log(optimizers.summary(), 0)
             evaluate()
-        bar = _progress(total, st.step)
+        bar = _progress(total, st.step, enabled=self._is_main)
         window = _Window()
         flops = FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops)
         model.train()
-        for epoch, group, epoch_end in self._step_batches(data, total, steps_per_epoch):
+        for epoch, group, epoch_end, n_tokens, step_tokens in self._step_batches(
+            data, total, steps_per_epoch
+        ):
             # 1) this step's learning rate: a pure function of the step (resume needs no state)
             mult = lr_multiplier(
                 st.step, total, warmup, cfg.lr_scheduler_type, cfg.min_lr_ratio, cfg.wsd_decay_ratio
@@ -341,21 +399,32 @@ class CPTTrainer:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * mult
             # 2) forward/backward every micro-batch, each weighted by its share of the step's
-            #    tokens, so the loss does not depend on how the step is split (trl #2175)
-            n_tokens = sum(D.count_loss_tokens(b) for b in group)
+            #    tokens (over all ranks), so the loss does not depend on how the step is split
+            #    (trl #2175). FSDP2 averages gradients over ranks, hence the factor `world`.
             step_loss = 0.0
-            for batch in group:
+            for i, batch in enumerate(group):
                 batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+                if self._root is not None:
+                    # reduce-scatter on the last micro-batch only; until then each rank holds
+                    # unsharded fp32 gradients, which CPU offload has no GPU room for
+                    self._root.set_requires_gradient_sync(
+                        cfg.fsdp_cpu_offload or i == len(group) - 1
+                    )
                 with runtime.autocast:
-                    loss_sum = lm_loss_sum(model, batch, chunked, cfg.loss_chunk_size)
+                    loss_sum = self._loss_sum(batch)
                 if loss_sum.requires_grad:
-                    (loss_sum / max(1, n_tokens)).backward()
+                    (loss_sum * (world / max(1, n_tokens))).backward()
                 step_loss += loss_sum.item()
+            stop = self._stop_signal is not None
+            if self._dist is not None:  # one sum: every rank sees a NaN or a stop of any rank
+                step_loss, stopping_ranks = self._dist.sum([step_loss, float(stop)])
+                stop = stopping_ranks > 0
             step_loss /= max(1, n_tokens)
             # 3) clip, check, step: a non-finite value never reaches the weights
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            ).item()
+            grad_norm = clip_grad_norm(
+                list(model.parameters()),
+                cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+            )
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
                 optimizers.step()
@@ -364,7 +433,6 @@ class CPTTrainer:
             optimizers.zero_grad()
             st.step += 1
             st.epoch = epoch
-            step_tokens = sum(int(b["input_ids"].numel()) for b in group)
             st.tokens_seen += step_tokens
             if finite:
                 st.loss_sum += step_loss * n_tokens
@@ -381,7 +449,8 @@ class CPTTrainer:
                     "lr": cfg_lr(cfg) * mult,
                     "grad_norm": grad_norm,
                     "tokens_per_sec": tok_s,
-                    **flops.metrics(tok_s),
+                    **({"tokens_per_sec_per_device": tok_s / world} if world > 1 else {}),
+                    **flops.metrics(tok_s / world),
                     "tokens_seen": st.tokens_seen,
                     "memory_gb": memory_gb(runtime.device),
                 }
@@ -398,20 +467,22 @@ class CPTTrainer:
                 epoch_end and st.step != total
             ):
                 self._save_checkpoint(out, optimizers)
-            if self._stop_signal is not None:
+            if stop:
                 bar.close()
                 path = self._save_checkpoint(out, optimizers)
+                signum = self._stop_signal or signal.SIGTERM  # another rank's signal
                 log.warning(
-                    "%s received: step %d finished and saved to %s; exiting",
-                    signal.Signals(self._stop_signal).name,
+                    "%s received%s: step %d finished and saved to %s; exiting",
+                    signal.Signals(signum).name,
+                    "" if self._stop_signal else " by another rank",
                     st.step,
                     path,
                 )
-                raise TrainingInterrupted(self._stop_signal, path)
+                raise TrainingInterrupted(signum, path)
         bar.close()
         evaluate()
         self._save_checkpoint(out, optimizers)
-        save_model_dir(out / "final", model, self.tokenizer, cfg, asdict(st))
+        self._save_model(out / "final")
         trackers.log({"train_runtime_s": time.perf_counter() - self._start_time}, st.step)
         if len(data.streams) > 1:
             log.info(
@@ -422,9 +493,10 @@ class CPTTrainer:
                 ),
             )
         skipped = sum(getattr(s.source, "skipped", 0) for s in data.streams.values())
-        if skipped:
+        if skipped and self._is_main:
             log.warning("skip_bad_records: skipped %d malformed records", skipped)
-        _write_report(out)
+        if self._is_main:
+            _write_report(out)
         log.info(
             "done: %d steps, %s tokens, average loss %.4f; final model in %s",
             st.step,
@@ -434,11 +506,31 @@ class CPTTrainer:
         )
         return st.avg_loss
 
+    # --- one process or many -------------------------------------------------------------------
+    @property
+    def _world_size(self) -> int:
+        return self._dist.world_size if self._dist else 1
+
+    @property
+    def _is_main(self) -> bool:
+        return self._dist is None or self._dist.is_main
+
+    def _on_main(self, fn):
+        """``fn()`` on rank 0 (file system work), its result or exception on every rank."""
+        return fn() if self._dist is None else self._dist.on_main(fn)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._root is not None:  # through the FSDP2 root, which gathers its parameters
+            return self._root(batch)
+        return lm_loss_sum(self.model, batch, self._chunked, self.config.loss_chunk_size)
+
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
         st, cfg = self.state, self.config
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         where = f"step {st.step + 1}" + (
-            f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
+            f" (summed over all {self._world_size} ranks; every rank stops here)"
+            if self._dist is not None
+            else ""
         )
         if cfg.nan_policy == "skip" and st.skipped_steps < cfg.max_skipped_steps:
             st.skipped_steps += 1
@@ -515,62 +607,119 @@ class CPTTrainer:
 
     def _step_batches(
         self, data: D.Mixture, total: int, steps_per_epoch: int
-    ) -> Iterator[tuple[float, list[dict], bool]]:
-        """Yield ``(epoch, micro-batches, epoch_ended)`` for each optimizer step from ``state.step``.
+    ) -> Iterator[tuple[float, list[dict], bool, int, int]]:
+        """For each optimizer step from ``state.step``, yield ``(epoch, this rank's
+        micro-batches, epoch_ended, loss tokens in the global step, tokens in the global step)``.
 
         The blocks come from the data streams, whose small state (saved in checkpoints) is the
         exact data position: a resume continues with the very next block, without replaying
-        earlier batches (HF Trainer's replay took 28 h in transformers #18649).
+        earlier batches (HF Trainer's replay took 28 h in transformers #18649). With several
+        ranks, every rank draws each global micro-batch (``world x batch`` blocks) and keeps
+        its own disjoint slice, so the position is one global value, and the run sees the same
+        blocks in the same steps as one process with a ``world`` times larger batch.
         """
         cfg = self.config
         bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+        world, rank = self._world_size, self._dist.rank if self._dist else 0
         for step in range(self.state.step, total):
-            group = [D.collate([data.next_block() for _ in range(bs)]) for _ in range(accum)]
-            yield (step + 1) / steps_per_epoch, group, (step + 1) % steps_per_epoch == 0
+            group, n_loss, n_all = [], 0, 0
+            for _ in range(accum):
+                micro = D.collate([data.next_block() for _ in range(bs * world)])
+                n_loss += D.count_loss_tokens(micro)
+                n_all += micro["input_ids"].numel()
+                group.append({k: v[rank * bs : (rank + 1) * bs] for k, v in micro.items()})
+            epoch_end = (step + 1) % steps_per_epoch == 0
+            yield (step + 1) / steps_per_epoch, group, epoch_end, n_loss, n_all
 
     @torch.no_grad()
-    def _eval_loss(
-        self, blocks: list[D.Block], runtime: Runtime, chunked: bool
-    ) -> tuple[float, int]:
-        """(summed token loss, tokens) over ``blocks``."""
-        model, bs = self.model, self.config.per_device_eval_batch_size
-        model.eval()
+    def _eval_loss(self, blocks: list[D.Block], runtime: Runtime) -> tuple[float, int]:
+        """(summed token loss, tokens) over ``blocks``, split over the ranks when sharded.
+
+        Every rank runs the same number of forward passes (FSDP2 gathers parameters in each):
+        a rank whose share ran out repeats a block and does not count it.
+        """
+        bs, world = self.config.per_device_eval_batch_size, self._world_size
+        mine = blocks[self._dist.rank :: world] if self._dist else blocks
+        n_batches = math.ceil(math.ceil(len(blocks) / world) / bs)
+        self.model.eval()
         total, n = 0.0, 0
         from tqdm.auto import tqdm
 
-        starts = range(0, len(blocks), bs)
         for i in tqdm(
-            starts, desc="eval", unit="batch", leave=False, disable=not sys.stderr.isatty()
+            range(n_batches),
+            desc="eval",
+            unit="batch",
+            leave=False,
+            disable=not (sys.stderr.isatty() and self._is_main),
         ):
-            batch = D.collate(blocks[i : i + bs])
-            n += D.count_loss_tokens(batch)
+            part = mine[i * bs : (i + 1) * bs]
+            batch = D.collate(part or blocks[:1])
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
             with runtime.autocast:
-                total += lm_loss_sum(model, batch, chunked, self.config.loss_chunk_size).item()
-        return total, n
+                loss = self._loss_sum(batch).item()
+            if part:
+                total += loss
+                n += D.count_loss_tokens(batch)
+        if self._dist is not None:
+            total, n = self._dist.sum([total, n])
+        return total, int(n)
 
     # --- checkpoints and resume ----------------------------------------------------------------
     def _save_checkpoint(self, out: Path, optimizers: Optimizers) -> Path:
         path = out / f"checkpoint-{self.state.step}"
-        if path.exists() and verify(path, checksums=False) is None:
+        if self._on_main(lambda: path.exists() and verify(path, checksums=False) is None):
             return path
         cfg = self.config
         state = {
             **asdict(self.state),
             "data": {"position": self._data.state_dict(), "fingerprint": self._data.identity()},
-            "geometry": {k: getattr(cfg, k) for k in GEOMETRY_FIELDS},
+            "geometry": {**{k: getattr(cfg, k) for k in GEOMETRY_FIELDS}, **self._layout()},
             "rng": jsonable_rng(random.getstate(), _numpy_rng_state()),
         }
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_training_checkpoint(
-            path, self.model, self.tokenizer, cfg, state, optimizers.state_dict(), rng
-        )
-        rotate_checkpoints(out, cfg.save_total_limit, keep=path)
+            devices = (
+                [self._dist.device.index]
+                if self._dist and self._dist.device.type == "cuda"
+                else range(torch.cuda.device_count())
+            )
+            for i in devices:
+                rng[f"cuda{i}"] = torch.cuda.get_rng_state(i)
+        if self._dist is None:
+            save_training_checkpoint(
+                path, self.model, self.tokenizer, cfg, state, optimizers.state_dict(), rng
+            )
+        else:
+
+            def write_main_files(tmp: Path) -> None:
+                self.model.config.save_pretrained(tmp)  # for the architecture check on resume
+                self.tokenizer.save_pretrained(tmp)
+                cfg.to_yaml(tmp / "config.yaml")
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps(state, indent=2), encoding="utf-8"
+                )
+
+            save_sharded_checkpoint(
+                path, self._dist, self.model, optimizers.optimizers, rng, write_main_files
+            )
+        self._on_main(lambda: rotate_checkpoints(out, cfg.save_total_limit, keep=path))
         log.info("saved %s", path)
         return path
+
+    def _save_model(self, target: Path) -> None:
+        """An HF-format model folder; sharded weights are gathered to rank 0 first."""
+        cfg, state = self.config, asdict(self.state)
+        if self._dist is None:
+            save_model_dir(target, self.model, self.tokenizer, cfg, state)
+            return
+        weights = full_state_dict(self.model)
+        self._on_main(
+            lambda: save_model_dir(target, self.model, self.tokenizer, cfg, state, weights)
+        )
+
+    def _layout(self) -> dict:
+        """How the run is laid out; a checkpoint resumes only into the same layout."""
+        return {"world_size": self._world_size, "sharded": self._dist is not None}
 
     def _find_resume_checkpoint(self, out: Path) -> Path | None:
         spec = self.config.resume_from_checkpoint
@@ -594,13 +743,21 @@ class CPTTrainer:
     def _check_resume(self, path: Path, data: D.Mixture) -> dict:
         """Refuse, before training, a resume that could not continue the same run exactly."""
         cfg = self.config
-        state, optim_state, rng = load_training_state(path)
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         problems = []
-        for key, saved in state["geometry"].items():
-            if getattr(cfg, key) != saved:
-                problems.append(
-                    f"{key}: the checkpoint has {saved!r}, this run has {getattr(cfg, key)!r}"
-                )
+        current = {**{k: getattr(cfg, k) for k in GEOMETRY_FIELDS}, **self._layout()}
+        saved_geometry = {"world_size": 1, "sharded": False, **state["geometry"]}
+        for key, saved in saved_geometry.items():
+            if key == "sharded" or current.get(key) == saved:
+                continue
+            what = "number of processes (WORLD_SIZE)" if key == "world_size" else key
+            problems.append(f"{what}: the checkpoint has {saved!r}, this run has {current[key]!r}")
+        if saved_geometry["sharded"] != current["sharded"]:
+            kinds = {True: "sharded (FSDP2/DCP)", False: "single-process"}
+            problems.append(
+                f"checkpoint format: the checkpoint is {kinds[saved_geometry['sharded']]}, "
+                f"this run is {kinds[current['sharded']]} (fsdp_cpu_offload or torchrun decide)"
+            )
         saved_arch = json.loads((path / "config.json").read_text(encoding="utf-8"))
         current = self.model.config.to_dict()
         for key in ARCH_FIELDS:
@@ -620,10 +777,15 @@ class CPTTrainer:
                 f"cannot resume exactly from {path}:\n  - "
                 + "\n  - ".join(problems)
                 + "\nTo continue with new settings, start a new run with model_name_or_path "
-                f"set to {path}."
+                + (
+                    f"set to the final/ (or best/) folder of that run: a sharded checkpoint "
+                    f"such as {path} holds no Hugging Face weights."
+                    if saved_geometry["sharded"]
+                    else f"set to {path}."
+                )
             )
         log.info("resuming from %s at step %d", path, state["step"])
-        return {"state": state, "optimizer": optim_state, "rng": rng, "path": path}
+        return {"state": state, "path": path}
 
     def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -648,7 +810,13 @@ class CPTTrainer:
         state = resumed["state"]
         fields = {k: state[k] for k in asdict(TrainState()) if k in state}
         self.state = TrainState(**fields)
-        optimizers.load_state_dict(resumed["optimizer"])
+        if self._dist is None:
+            _, optim_state, torch_rng = load_training_state(resumed["path"])
+            optimizers.load_state_dict(optim_state)
+        else:
+            torch_rng = load_sharded_checkpoint(
+                resumed["path"], self._dist, self.model, optimizers.optimizers
+            )
         rng = state["rng"]
         py = rng["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
@@ -657,11 +825,11 @@ class CPTTrainer:
 
             n = rng["numpy"]
             np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if torch.cuda.is_available():
-            states = [resumed["rng"][k] for k in sorted(resumed["rng"]) if k.startswith("cuda")]
-            if states:
-                torch.cuda.set_rng_state_all(states)
+        torch.set_rng_state(torch_rng["torch"])
+        for key, value in torch_rng.items():
+            index = int(key[4:]) if key.startswith("cuda") else None
+            if index is not None and index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value, index)
 
     @contextlib.contextmanager
     def _catch_stop_signals(self):
@@ -717,7 +885,7 @@ class CPTTrainer:
             total,
             steps_per_epoch,
             warmup,
-            cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+            cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self._world_size,
             cfg.max_length,
         )
 
@@ -809,7 +977,7 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"output_dir: {str(out)!r} is not writable (checked {str(probe)!r})")
 
 
-def _progress(total: int, initial: int):
+def _progress(total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -818,7 +986,7 @@ def _progress(total: int, initial: int):
         desc="training",
         unit="step",
         dynamic_ncols=True,
-        disable=not sys.stderr.isatty(),
+        disable=not (enabled and sys.stderr.isatty()),
     )
 
 

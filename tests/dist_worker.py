@@ -1,0 +1,99 @@
+"""Worker programs for tests/test_distributed.py, run as ``torchrun ... tests/dist_worker.py CASE``.
+
+Each case asserts on its own and prints one ``RESULT {json}`` line from rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def muon_parity() -> None:
+    """DistributedMuon on FSDP2 shards == torch.optim.Muon on the full matrices, step by step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from qwen_cpt.distributed import DistributedMuon
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    # rows that divide by the world size, that don't, and fewer rows than ranks
+    shapes = [(64, 176), (176, 64), (7, 5), (5, 7), (3, 9), (1, 8), (33, 33)]
+    torch.manual_seed(0)
+    full = [torch.randn(s) for s in shapes]
+    module = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in full])
+    fully_shard(module, mesh=init_device_mesh("cpu", (world,)))
+    reference = [torch.nn.Parameter(t.clone()) for t in full]
+    kw = dict(
+        lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
+    ours = DistributedMuon(list(module), **kw)
+    ref = torch.optim.Muon(reference, **kw)
+    worst = 0.0
+    for step in range(5):
+        lr = 0.02 * (1 - step / 10)  # a schedule, as the trainer sets it
+        for opt in (ours, ref):
+            opt.param_groups[0]["lr"] = lr
+        grads = [torch.randn(s) for s in shapes]  # same seed on every rank
+        for p, r, g in zip(module, reference, grads):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+            r.grad = g.clone()
+        ours.step()
+        ref.step()
+        for p, r in zip(module, reference):
+            worst = max(worst, (p.full_tensor() - r.detach()).abs().max().item())
+        for p, r in zip(module, reference):
+            buf = ours.state[p]["momentum_buffer"].full_tensor()
+            assert torch.equal(buf, ref.state[r]["momentum_buffer"]), "momentum differs"
+    moved = max((p.full_tensor() - t).abs().max().item() for p, t in zip(module, full))
+    assert worst <= 1e-5, f"parameters differ from torch.optim.Muon by {worst}"
+    assert moved > 1e-3, "the parameters did not move"
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"max_abs_diff": worst, "moved": moved, "world": world}))
+    dist.destroy_process_group()
+
+
+def timeout() -> None:
+    """A collective that one rank never joins fails after distributed_timeout_minutes."""
+    from qwen_cpt.distributed import init_distributed
+
+    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=0.05)
+    if ctx.rank == 1:
+        time.sleep(20)  # never joins; exits after rank 0 has failed
+        return
+    start = time.monotonic()
+    try:
+        ctx.sum([1.0])
+    except Exception as exc:  # gloo raises a RuntimeError naming the timeout
+        waited = time.monotonic() - start
+        print("RESULT " + json.dumps({"waited_s": waited, "error": str(exc)[:300]}))
+        sys.stdout.flush()
+        import os
+
+        os._exit(0)  # the group is broken: skip the destroy
+    raise AssertionError("the collective returned although rank 1 never joined")
+
+
+def nan_agree() -> None:
+    """A non-finite loss on one rank reaches every rank (the trainer stops on all of them)."""
+    from qwen_cpt.distributed import init_distributed
+
+    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=1)
+    local_loss = float("nan") if ctx.rank == 1 else 2.5
+    loss, stop = ctx.sum([local_loss, 0.0])
+    import math
+
+    assert not math.isfinite(loss), f"rank {ctx.rank} saw a finite loss {loss}"
+    if ctx.rank == 0:
+        print("RESULT " + json.dumps({"loss_on_rank0": str(loss)}))
+    ctx.close()
+
+
+if __name__ == "__main__":
+    {"muon_parity": muon_parity, "timeout": timeout, "nan_agree": nan_agree}[sys.argv[1]]()

@@ -1,0 +1,195 @@
+"""Multi-process training with torchrun on CPU (gloo): FSDP2, distributed Muon, DCP, failures.
+
+The references: a single-process run with the same global batch (losses per step within a
+relative 1e-4), ``torch.optim.Muon`` (updates within 1e-5), and a straight two-process run
+(resumed losses ``==``). Every run here is a real ``torchrun`` of ``python -m qwen_cpt``.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_cpt import CPTConfig, CPTTrainer
+from qwen_cpt.trainer import ResumeError
+
+from .test_resume import _cfg, _losses, _write_data
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], nproc: int = 2, **popen):
+    cmd = [*TORCHRUN, str(nproc), *args]
+    if popen:
+        return subprocess.Popen(
+            cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _result(res: subprocess.CompletedProcess) -> dict:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def _train(cfg: CPTConfig, tmp_path: Path, name: str, **popen):
+    path = tmp_path / f"{name}.yaml"
+    cfg.to_yaml(path)
+    return _torchrun(["-m", "qwen_cpt", "train", str(path)], **popen)
+
+
+# Per rank 1 block per micro-batch, 2 ranks: the same global batch as one process with 2.
+DIST = dict(per_device_train_batch_size=1)
+SINGLE = dict(per_device_train_batch_size=2)
+
+
+def test_distributed_muon_matches_torch_muon():
+    """Sharded Muon, Newton-Schulz on whole matrices, vs torch.optim.Muon, over 5 steps with
+    a changing lr; shapes whose rows do not divide by 2, and a 1-row matrix (an empty shard)."""
+    out = _result(_torchrun([WORKER, "muon_parity"]))
+    assert out["world"] == 2
+    assert out["max_abs_diff"] <= 1e-5
+
+
+def test_a_hung_collective_times_out_with_an_error():
+    out = _result(_torchrun([WORKER, "timeout"]))  # distributed_timeout_minutes=0.05 (3 s)
+    assert 2 <= out["waited_s"] < 30
+    assert "timed out" in out["error"].lower()
+
+
+def test_a_nan_on_one_rank_reaches_every_rank():
+    out = _result(_torchrun([WORKER, "nan_agree"]))
+    assert out["loss_on_rank0"] == "nan"
+
+
+def _rank_pid(agent: subprocess.Popen, local_rank: int) -> int:
+    """The pid of torchrun's worker with ``LOCAL_RANK=local_rank``."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank} among {children}")
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
+        if (out / "metrics.jsonl").is_file() and step in _losses(out):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.parametrize("muon", [True, False], ids=["muon", "adamw"])
+def test_two_processes_match_one_and_resume_exactly(tiny_qwen, tmp_path, muon):
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=muon, max_steps=6, save_steps=100)
+
+    # 1) one process, global batch 2 x 2 micro-batches
+    single = tmp_path / "single"
+    CPTTrainer(_cfg(tiny_qwen, single, data, **SINGLE, **kw)).train()
+    ref = _losses(single)
+
+    # 2) two processes, 1 block each per micro-batch: the same global batch and blocks
+    straight = tmp_path / "straight"
+    res = _train(_cfg(tiny_qwen, straight, data, **DIST, **kw), tmp_path, "straight")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "distributed: 2 ranks (FSDP2)" in res.stderr
+    assert "global batch 4 x 24 tokens" in res.stderr
+    assert res.stdout.count("final average training loss") == 1  # rank 0 speaks
+    dist = _losses(straight)
+    assert sorted(dist) == list(range(1, 7))  # one metrics line per step: rank 0 writes
+    for step in ref:
+        assert math.isclose(dist[step], ref[step], rel_tol=1e-4), (step, dist[step], ref[step])
+    assert dist[6] < dist[1]
+
+    # 3) final/ is one consolidated HF folder that transformers loads on one process
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(straight / "final" / "model.safetensors"))
+    assert set(saved) == set(load_file(str(single / "final" / "model.safetensors")))
+    model = AutoModelForCausalLM.from_pretrained(straight / "final")
+    reference = AutoModelForCausalLM.from_pretrained(single / "final")
+    ids = torch.tensor([[9707, 11, 1879, 0, 151643]])
+    with torch.no_grad():
+        diff = (model(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < 1e-2, diff
+    initial = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    assert not torch.equal(model.model.norm.weight, initial.model.norm.weight)  # it trained
+
+    # 4) interrupted, then resumed with resume_from_checkpoint=auto: losses == the straight run
+    broken = tmp_path / "broken"
+    if muon:  # SIGTERM to rank 1 only: both ranks agree, save once at the same step, exit
+        proc = _train(_cfg(tiny_qwen, broken, data, **DIST, **kw), tmp_path, "broken", popen=True)
+        _wait_for_step(broken, 2, proc)
+        os.kill(_rank_pid(proc, 1), signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+        assert proc.returncode != 0
+        saved_at = [int(m) for m in re.findall(r"step (\d+) finished and saved", log)]
+        assert len(saved_at) == 2 and saved_at[0] == saved_at[1], log[-3000:]  # both ranks
+        assert "SIGTERM received by another rank" in log
+        assert (broken / f"checkpoint-{saved_at[0]}" / "dcp" / ".metadata").is_file()
+    else:  # SIGKILL of the whole job after a periodic save: resume from the last checkpoint
+        kill_kw = {**kw, "save_steps": 2}
+        proc = _train(
+            _cfg(tiny_qwen, broken, data, **DIST, **kill_kw), tmp_path, "broken", popen=True
+        )
+        _wait_for_step(broken, 3, proc)
+        for pid in [_rank_pid(proc, rank) for rank in (0, 1)]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=120)
+        assert (broken / "checkpoint-2" / "manifest.json").is_file()
+    cfg = _cfg(tiny_qwen, broken, data, **DIST, **kw, resume_from_checkpoint="auto")
+    res = _train(cfg, tmp_path, "resume")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming from" in res.stderr
+    resumed = _losses(broken)
+    assert sorted(resumed) == list(range(1, 7))
+    assert resumed == dist
+
+
+def test_resume_with_another_world_size_is_refused(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    out = tmp_path / "run"
+    kw = dict(max_steps=2, save_steps=2, **DIST)
+    res = _train(_cfg(tiny_qwen, out, data, **kw), tmp_path, "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = _cfg(tiny_qwen, tmp_path / "one", data, resume_from_checkpoint=str(out / "checkpoint-2"))
+    with pytest.raises(ResumeError) as err:
+        CPTTrainer(cfg).train()
+    msg = str(err.value)
+    assert "number of processes (WORLD_SIZE): the checkpoint has 2, this run has 1" in msg
+    assert "checkpoint format: the checkpoint is sharded (FSDP2/DCP)" in msg
+    assert not (tmp_path / "one").exists()  # refused before anything was written
+
+
+def test_cpu_offload_on_one_process_matches_plain_training(tiny_qwen, tmp_path):
+    """fsdp_cpu_offload runs FSDP2 with CPUOffloadPolicy on a one-process group."""
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=3, save_steps=100, **SINGLE)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "plain", data, **kw)).train()
+    trainer = CPTTrainer(_cfg(tiny_qwen, tmp_path / "offload", data, fsdp_cpu_offload=True, **kw))
+    trainer.train()
+    plain, offload = _losses(tmp_path / "plain"), _losses(tmp_path / "offload")
+    assert sorted(offload) == [1, 2, 3]
+    for step in plain:
+        assert math.isclose(offload[step], plain[step], rel_tol=1e-5)
+    assert not torch.distributed.is_initialized()  # the private group was closed
+    assert (tmp_path / "offload" / "final" / "model.safetensors").is_file()
