@@ -362,6 +362,23 @@ def test_fsdp_shards_the_states():
     for k in ("weights", "grads", "optimizer"):
         assert four[k] == one[k] / 4
     assert four["activations"] == one["activations"]
+    # with accumulation the trainer reduce-scatters on the last micro-batch only: until then
+    # each rank also holds the unsharded fp32 gradients
+    accum = estimate_memory(
+        SMALL, micro_batch=1, seq_len=8, world_size=4, gradient_accumulation_steps=2
+    ).components
+    assert accum["grads"] == one["grads"] / 4 + one["grads"]
+
+
+def test_cpu_offload_keeps_the_states_off_the_device():
+    one = estimate_memory(SMALL, micro_batch=1, seq_len=8, gradient_accumulation_steps=4)
+    off = estimate_memory(
+        SMALL, micro_batch=1, seq_len=8, gradient_accumulation_steps=4, cpu_offload=True
+    )
+    for k in ("weights", "grads", "optimizer"):
+        assert one.components[k] > 0 and off.components[k] == 0
+    assert off.components["activations"] == one.components["activations"]
+    assert off.peak < one.peak
 
 
 def test_checkpointing_every_kth_layer_by_hand():

@@ -488,6 +488,7 @@ def estimate_memory(
     adamw_impl: str = "fused",
     capacity_bytes: float | None = None,
     param_counts: ParamCounts | None = None,
+    cpu_offload: bool = False,
 ) -> MemoryEstimate:
     """Estimate peak memory per device of one training step of this trainer.
 
@@ -513,7 +514,11 @@ def estimate_memory(
       (4 B x chunk x vocab) is a workspace kept between steps, so it is ``loss_workspace``,
       held even during the optimizer step (on CUDA the caching allocator reuses it instead);
     - overhead: CUDA context and library workspaces (1 GiB), none on CPU.
-    ``world_size > 1`` assumes FSDP/ZeRO-3: weights, grads and optimizer state are sharded.
+    ``world_size > 1`` assumes FSDP/ZeRO-3: weights, grads and optimizer state are sharded;
+    with gradient accumulation the trainer reduce-scatters on the last micro-batch only, so
+    until then each rank also holds unsharded fp32 gradients (4 B/param). ``cpu_offload``
+    (``fsdp_cpu_offload``): weights, gradients and optimizer state live in CPU memory and are
+    not counted; the device holds the unsharded working set of about two blocks.
     """
     _positive(micro_batch=micro_batch, seq_len=seq_len, world_size=world_size)
     if optimizer not in ("adamw", "muon"):
@@ -541,9 +546,10 @@ def estimate_memory(
     if optimizer == "muon":
         step_temp += 10.0 * p.largest_matrix
 
-    if bf16 and cuda and world_size == 1:
+    sharded = world_size > 1 or cpu_offload
+    if bf16 and cuda and not sharded:
         copies = 2.0 * matmul_params
-    elif world_size > 1:
+    elif sharded:
         copies = 2.0 * 2 * max(p.per_layer, p.embedding)
     else:
         copies = 0.0
@@ -555,10 +561,12 @@ def estimate_memory(
         shape, checkpointing, act_bytes, mask_len=mask_len, checkpoint_every=checkpoint_every
     )
     mask_note = ", SDPA with the packed block-causal mask" if packed_mask else ""
+    on_device = 0.0 if cpu_offload else 1.0
+    unsharded_grads = world_size > 1 and gradient_accumulation_steps > 1 and not cpu_offload
     components = {
-        "weights": 4.0 * p.total / shards,
-        "grads": 4.0 * p.total / shards,
-        "optimizer": opt / shards,
+        "weights": on_device * 4.0 * p.total / shards,
+        "grads": on_device * 4.0 * p.total / shards + (4.0 * p.total if unsharded_grads else 0),
+        "optimizer": on_device * opt / shards,
         "optimizer_step_temp": step_temp,
         "weight_copies": copies,
         "activations": act,
@@ -577,9 +585,16 @@ def estimate_memory(
         components["loss_workspace"] = workspace
         components["logits"] -= workspace
     shard_note = f", sharded over {world_size} devices (FSDP)" if world_size > 1 else ""
+    if cpu_offload:
+        shard_note += ", in CPU memory (fsdp_cpu_offload)"
     notes = {
         "weights": f"fp32 master weights, 4 B/param{shard_note}",
-        "grads": f"fp32 gradients, 4 B/param{shard_note}",
+        "grads": f"fp32 gradients, 4 B/param{shard_note}"
+        + (
+            "; + unsharded fp32 gradients between micro-batches (4 B/param)"
+            if unsharded_grads
+            else ""
+        ),
         "optimizer": (
             "AdamW: 2 fp32 moments, 8 B/param"
             if optimizer == "adamw"
@@ -594,7 +609,7 @@ def estimate_memory(
         + ("; Newton-Schulz on the largest matrix" if optimizer == "muon" else ""),
         "weight_copies": (
             "bf16 autocast copies of matmul weights, 2 B/param"
-            if copies and world_size == 1
+            if copies and not sharded
             else "unsharded bf16 working set: ~2 blocks or the embedding"
             if copies
             else "none (fp32 or CPU)"
@@ -757,6 +772,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         checkpoint_every=getattr(cfg, "gradient_checkpointing_every_n_layers", 1),
         capacity_bytes=capacity,
         param_counts=p,
+        cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
     )
 
 
@@ -936,6 +952,13 @@ def make_plan(
         notes.append(
             f"--gpus {gpus}: memory assumes FSDP/ZeRO-3 sharding of weights, gradients and "
             "optimizer state; the time assumes data parallelism at the same MFU."
+        )
+    if getattr(cfg, "fsdp_cpu_offload", False):
+        notes.append(
+            "fsdp_cpu_offload: weights, gradients and optimizer state are in host memory "
+            f"(about {(16 if not cfg.use_muon_optimizer else 12) * p.total / 2**30:.0f} GiB "
+            "beside the bf16 model); the time ignores the per-step host-device copies and the "
+            "CPU optimizer step, which make offloaded runs several times slower (not measured)."
         )
     return Plan(
         model={
