@@ -18,9 +18,11 @@
   example trains for two steps; the planner figures quoted for the other examples hold.
 - In ```bash blocks, a line whose program is ``qwen-cpt`` must parse with the real CLI parser
   (``qwen_cpt.cli.build_parser``); ``train`` configs with their flag overrides must validate, and
-  ``plan`` commands on examples must run. Lines that run other programs (SHELL_PROGRAMS: make,
-  tensorboard, torchrun, pip, kill) are skipped; any other program fails the test, so that a new
-  kind of command gets a deliberate decision here. The ``qwen-cpt`` commands in the examples'
+  ``plan`` commands on examples must run. ``torchrun`` lines (also under ``srun``) must parse
+  with torchrun's own parser and launch ``-m qwen_cpt``, whose arguments are checked as above.
+  Lines that run other programs (SHELL_PROGRAMS: make, tensorboard, pip, kill, sbatch) and shell
+  assignments are skipped; any other program fails the test, so that a new kind of command gets
+  a deliberate decision here. The ``qwen-cpt`` commands in the examples'
   comments are checked the same way.
 - The troubleshooting tables (between ``<!-- errors:begin -->`` and ``<!-- errors:end -->``) quote
   messages in backticks in their first column; every quoted fragment must occur in a string
@@ -64,7 +66,7 @@ GEN_SCRIPT = REPO / "scripts" / "gen_config_reference.py"
 REGEN_COMMAND = ".venv/bin/python scripts/gen_config_reference.py  (or: make docs)"
 
 NO_TEST = "<!-- no-test -->"
-SHELL_PROGRAMS = {"make", "tensorboard", "torchrun", "pip", "kill"}
+SHELL_PROGRAMS = {"make", "tensorboard", "pip", "kill", "sbatch"}
 NOT_MEASURED = ("not measured yet", "尚未测量")
 
 
@@ -308,17 +310,39 @@ def _all_commands() -> list[tuple[str, list[str]]]:
     return out + _example_comment_commands()
 
 
+def _torchrun_target(where: str, args: list[str]) -> list[str]:
+    """The qwen-cpt arguments of a torchrun command; torchrun's own flags must parse too."""
+    from torch.distributed.run import get_args_parser
+
+    try:
+        ns = get_args_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: torchrun rejects {shlex.join(args)}")
+    launches = (ns.module and ns.training_script == "qwen_cpt") or (
+        ns.no_python and ns.training_script == "qwen-cpt"
+    )
+    assert launches, f"{where}: torchrun should start `-m qwen_cpt` (or --no-python qwen-cpt)"
+    return ns.training_script_args
+
+
 def test_shell_commands_in_docs_exist(capsys):
     commands = _all_commands()
     checked = 0
     for where, words in commands:
+        if any("$(" in w for w in words[:1]):  # a shell variable assignment (SLURM script)
+            continue
         while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):  # VAR=value prefixes
             words = words[1:]
+        if words[0] == "srun":  # SLURM starts the command on every node
+            words = words[1:]
         program = words[0]
-        if program in SHELL_PROGRAMS:
+        if program == "torchrun":
+            args = _torchrun_target(where, words[1:])
+        elif program in SHELL_PROGRAMS:
             continue
-        assert program == "qwen-cpt", f"{where}: unknown program {program!r} in a bash block"
-        args = words[1:]
+        else:
+            assert program == "qwen-cpt", f"{where}: unknown program {program!r} in a bash block"
+            args = words[1:]
         try:
             ns = build_parser().parse_args(args)
         except SystemExit as exc:
