@@ -180,6 +180,24 @@ def test_resume_with_another_world_size_is_refused(tiny_qwen, tmp_path):
     assert not (tmp_path / "one").exists()  # refused before anything was written
 
 
+def test_a_model_that_fails_to_load_on_rank_0_stops_every_rank(tiny_qwen, tmp_path):
+    """Only rank 0 reads the weights (the others build the model on meta and get them
+    broadcast): its failure must end every rank at once, not leave them waiting."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_qwen, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    cfg = _cfg(str(broken), tmp_path / "out", _write_data(tmp_path), max_steps=2, **DIST)
+    start = time.monotonic()
+    res = _train(cfg, tmp_path, "broken")
+    assert res.returncode != 0
+    assert time.monotonic() - start < 120
+    assert f"could not load a causal LM from {str(broken)!r}" in res.stderr
+    assert "failed on another rank; see its log" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_cpu_offload_on_one_process_matches_plain_training(tiny_qwen, tmp_path):
     """fsdp_cpu_offload runs FSDP2 with CPUOffloadPolicy on a one-process group."""
     data = _write_data(tmp_path)

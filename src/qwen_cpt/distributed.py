@@ -189,13 +189,15 @@ def shard_model(
 ) -> LossModule:
     """``fully_shard`` each decoder layer, then the root; parameters end up as fp32 shards.
 
-    The model may arrive in its checkpoint's dtype (bf16 for Qwen2.5) on the CPU: each layer is
-    cast to fp32 just before it is sharded, so a rank never holds more than the bf16 model plus
-    one fp32 layer in host memory.
+    Rank 0 brings the loaded model, in its checkpoint's dtype (bf16 for Qwen2.5) on the CPU;
+    each layer is cast to fp32 just before it is sharded, so it never holds more than the bf16
+    model plus one fp32 layer in host memory. The other ranks bring the model on the meta
+    device (no memory) and receive their shards from rank 0.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    full = model.state_dict() if ctx.is_main else {}  # rank 0's weights, to broadcast
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     kwargs: dict = {"mesh": mesh}
     if bf16_params:
@@ -210,7 +212,21 @@ def shard_model(
     model.float()
     root = LossModule(model, loss_fn)
     fully_shard(root, **kwargs)
+    _broadcast_weights(root, model, full, ctx, cpu_offload)
     return root
+
+
+def _broadcast_weights(root, model, full: dict, ctx: DistContext, cpu_offload: bool) -> None:
+    """Fill every rank's shards from rank 0's weights (the others built ``model`` on meta)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.device.type == "meta" for p in root.parameters()):
+        root.to_empty(device="cpu" if cpu_offload else ctx.device)
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    for buffer in root.buffers():  # not in the state dict: rotary inv_freq and the like
+        dist.broadcast(buffer, src=0)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:

@@ -167,6 +167,29 @@ def load_model(
     return model.to(runtime.device)
 
 
+def build_model_skeleton(path: str, runtime: Runtime, trust_remote_code: bool = False):
+    """The model of ``path`` on the meta device: its structure without memory for weights.
+
+    The ranks other than 0 of a sharded run start from this; FSDP2 then gives them storage for
+    their shards only, and rank 0's weights are broadcast into them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_source(path, "model_name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config,
+                attn_implementation=runtime.attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+    except Exception as exc:
+        raise ModelLoadError(f"could not build a causal LM from {path!r}: {exc}") from exc
+    model.config.use_cache = False
+    return model
+
+
 def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
     """Recompute decoder-layer activations in backward (``use_gradient_checkpointing``)."""
     kwargs = {"use_reentrant": False}

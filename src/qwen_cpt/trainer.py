@@ -54,7 +54,9 @@ from .distributed import (
 )
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
+    ModelLoadError,
     Runtime,
+    build_model_skeleton,
     check_vocab,
     count_parameters,
     enable_activation_checkpointing,
@@ -185,7 +187,9 @@ class CPTTrainer:
 
     After :meth:`train`, ``trainer.model`` and ``trainer.tokenizer`` hold the trained model, and
     ``output_dir`` holds ``final/``, ``best/`` (lowest eval loss, when eval data is given),
-    ``checkpoint-<step>/`` folders, ``config.yaml`` and ``metrics.jsonl``.
+    ``checkpoint-<step>/`` folders, ``config.yaml`` and ``metrics.jsonl``. After a sharded run
+    (torchrun or ``fsdp_cpu_offload``) ``trainer.model`` holds this rank's FSDP2 shards only;
+    load ``final/`` with ``from_pretrained`` to use the whole model.
     """
 
     def __init__(self, config: CPTConfig):
@@ -265,9 +269,9 @@ class CPTTrainer:
 
         if ctx is None:
             self.model = load_model(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
-        else:  # on the CPU in the checkpoint's dtype; FSDP2 moves fp32 shards to the device
-            cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
-            self.model = load_model(cfg.model_name_or_path, cpu, cfg.trust_remote_code, "auto")
+        else:  # rank 0 loads on the CPU in the checkpoint's dtype, the others build on meta;
+            # shard_model then gives every rank its fp32 shards on the device
+            self.model = self._load_on_main(runtime)
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
         self._resolve_auto(blocks_per_epoch, resume_dir)
         resumed = None
@@ -507,6 +511,25 @@ class CPTTrainer:
         return st.avg_loss
 
     # --- one process or many -------------------------------------------------------------------
+    def _load_on_main(self, runtime: Runtime):
+        cfg, ctx = self.config, self._dist
+        model, error = None, None
+        try:
+            if ctx.is_main:
+                cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
+                model = load_model(cfg.model_name_or_path, cpu, cfg.trust_remote_code, "auto")
+            else:
+                model = build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
+            error = exc
+        if not ctx.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise ModelLoadError(
+                f"loading {cfg.model_name_or_path} failed on another rank; see its log"
+            )
+        return model
+
     @property
     def _world_size(self) -> int:
         return self._dist.world_size if self._dist else 1
