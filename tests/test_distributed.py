@@ -73,6 +73,11 @@ def test_a_nan_on_one_rank_reaches_every_rank():
     assert out["loss_on_rank0"] == "nan"
 
 
+def _eval_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in recs if "eval_loss" in r}
+
+
 def _rank_pid(agent: subprocess.Popen, local_rank: int) -> int:
     """The pid of torchrun's worker with ``LOCAL_RANK=local_rank``."""
     children = subprocess.run(
@@ -99,7 +104,17 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("muon", [True, False], ids=["muon", "adamw"])
 def test_two_processes_match_one_and_resume_exactly(tiny_qwen, tmp_path, muon):
     data = _write_data(tmp_path)
-    kw = dict(use_muon_optimizer=muon, max_steps=6, save_steps=100)
+    # one short document: one eval block, so rank 1 has none and runs a stand-in forward
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"text": "The court held that the contract was void."}) + "\n")
+    kw = dict(
+        use_muon_optimizer=muon,
+        max_steps=6,
+        save_steps=100,
+        eval_files=[str(heldout)],
+        eval_steps=3,
+        per_device_eval_batch_size=1,
+    )
 
     # 1) one process, global batch 2 x 2 micro-batches
     single = tmp_path / "single"
@@ -118,6 +133,11 @@ def test_two_processes_match_one_and_resume_exactly(tiny_qwen, tmp_path, muon):
     for step in ref:
         assert math.isclose(dist[step], ref[step], rel_tol=1e-4), (step, dist[step], ref[step])
     assert dist[6] < dist[1]
+    ref_eval, dist_eval = _eval_losses(single), _eval_losses(straight)
+    assert sorted(dist_eval) == sorted(ref_eval) == [0, 3, 6]
+    for step in ref_eval:
+        assert math.isclose(dist_eval[step], ref_eval[step], rel_tol=1e-4), step
+    assert (straight / "best" / "model.safetensors").is_file()
 
     # 3) final/ is one consolidated HF folder that transformers loads on one process
     from safetensors.torch import load_file
