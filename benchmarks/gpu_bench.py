@@ -17,7 +17,11 @@ next, and writes one markdown row to stdout:
   loss, SDPA on document-aware packed blocks (position_ids restart per document, the
   block-causal mask), each decoder layer ``torch.compile``d, activation checkpointing where the
   model needs it (7B: every layer; 0.5B: none);
-- ``ours-adamw``: ``ours`` with AdamW instead of Muon, to separate the optimizer's cost.
+- ``ours-adamw``: ``ours`` with AdamW instead of Muon, to separate the optimizer's cost;
+- ``ours-flex``: ``ours`` with ``flex_attention`` instead of SDPA on the same packed blocks
+  (transformers builds its block mask from the restarting ``position_ids``), to decide which
+  attention the trainer should pick on a GPU without flash-attn. Not in ``--dry-run``: in torch
+  2.13 FlexAttention has no backward on a CPU.
 
 Every optimizer step takes ``--accum`` micro-batches of 1 x 4096 tokens (default 8: 32k tokens
 per step; Muon's Newton-Schulz costs about 0.53 PFLOP per 7B step, so tokens per step matter,
@@ -45,11 +49,18 @@ SHAPES = {
     "tiny": (64, 176, 2, 4, 2, 151936, True),  # --dry-run
 }
 CKPT = {"0.5B": 0, "7B": 1, "tiny": 1}  # ours: checkpoint every k-th layer (0: none)
-CASES = ("hf", "hf+ckpt", "ours", "ours-adamw")
-DEFAULT_PLAN = [("0.5B", "hf"), ("0.5B", "ours"), ("7B", "hf+ckpt"), ("7B", "ours")]
+CASES = ("hf", "hf+ckpt", "ours", "ours-adamw", "ours-flex")
+CPU_CASES = CASES[:4]  # FlexAttention has no backward on a CPU (torch 2.13)
+DEFAULT_PLAN = [
+    ("0.5B", "hf"),
+    ("0.5B", "ours"),
+    ("0.5B", "ours-flex"),
+    ("7B", "hf+ckpt"),
+    ("7B", "ours"),
+]
 
 
-def build_model(name: str, device):
+def build_model(name: str, device, attn: str = "sdpa"):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -73,7 +84,7 @@ def build_model(name: str, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation="sdpa"
+            config, dtype=torch.float32, attn_implementation=attn
         )
     model.config.use_cache = False
     return model
@@ -120,7 +131,7 @@ def run_case(a: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = build_model(name, device)
+    model = build_model(name, device, "flex_attention" if case == "ours-flex" else "sdpa")
     model.train()
     out["build_s"] = time.perf_counter() - t0
     if ours:
@@ -131,7 +142,7 @@ def run_case(a: dict) -> dict:
         enable_activation_checkpointing(model, 1)
 
     class Cfg:  # the CPTConfig fields build_optimizers reads
-        use_muon_optimizer = case == "ours"
+        use_muon_optimizer = case in ("ours", "ours-flex")
         learning_rate = 1e-5
         weight_decay = 0.1
         muon_momentum = 0.95
@@ -244,7 +255,7 @@ def main() -> int:
         return 0
 
     if args.dry_run:
-        plan = [("tiny", c) for c in (args.cases or CASES)]
+        plan = [("tiny", c) for c in (args.cases or CPU_CASES)]
         seq, accum, warmup, steps = 128, 2, 1, 1
     else:
         import torch
