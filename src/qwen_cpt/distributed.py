@@ -77,6 +77,12 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def all_ok(self, ok: bool) -> bool:
         """True on every rank if ``ok`` was true on every rank."""
         t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self._comm_device)

@@ -456,7 +456,7 @@ class CPTTrainer:
                     **({"tokens_per_sec_per_device": tok_s / world} if world > 1 else {}),
                     **flops.metrics(tok_s / world),
                     "tokens_seen": st.tokens_seen,
-                    "memory_gb": memory_gb(runtime.device),
+                    "memory_gb": self._peak_memory_gb(runtime.device),
                 }
                 if len(data.streams) > 1:  # achieved token shares of the mixture so far
                     metrics.update(
@@ -541,6 +541,11 @@ class CPTTrainer:
     def _on_main(self, fn):
         """``fn()`` on rank 0 (file system work), its result or exception on every rank."""
         return fn() if self._dist is None else self._dist.on_main(fn)
+
+    def _peak_memory_gb(self, device: torch.device) -> float:
+        """This process's memory, or the largest over the ranks (the one closest to OOM)."""
+        gb = memory_gb(device)
+        return gb if self._dist is None else self._dist.max([gb])[0]
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._root is not None:  # through the FSDP2 root, which gathers its parameters
