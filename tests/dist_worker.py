@@ -90,6 +90,7 @@ def nan_agree() -> None:
     import math
 
     assert not math.isfinite(loss), f"rank {ctx.rank} saw a finite loss {loss}"
+    assert ctx.max([float(ctx.rank), -1.0]) == [1.0, -1.0]  # memory_gb: the largest rank's
     if ctx.rank == 0:
         print("RESULT " + json.dumps({"loss_on_rank0": str(loss)}))
     ctx.close()
