@@ -80,9 +80,14 @@ def _eval_losses(out: Path) -> dict[int, float]:
 
 def _rank_pid(agent: subprocess.Popen, local_rank: int) -> int:
     """The pid of torchrun's worker with ``LOCAL_RANK=local_rank``."""
-    children = subprocess.run(
-        ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == agent.pid:  # the parent pid
+            children.append(stat.parent.name)
     for pid in children:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"LOCAL_RANK={local_rank}".encode() in env:
