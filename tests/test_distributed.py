@@ -190,19 +190,36 @@ def test_two_processes_match_one_and_resume_exactly(tiny_qwen, tmp_path, muon):
     assert resumed == dist
 
 
-def test_resume_with_another_world_size_is_refused(tiny_qwen, tmp_path):
+def test_resume_on_another_number_of_processes(tiny_qwen, tmp_path):
+    """A 2-process checkpoint continues on 1 process (FSDP2 with CPU offload, so still
+    sharded) with the same global batch; DCP reshards the model and optimizer state."""
     data = _write_data(tmp_path)
-    out = tmp_path / "run"
-    kw = dict(max_steps=2, save_steps=2, **DIST)
-    res = _train(_cfg(tiny_qwen, out, data, **kw), tmp_path, "run")
+    kw = dict(use_muon_optimizer=True, max_steps=4, save_steps=2)
+    out = tmp_path / "two"
+    res = _train(_cfg(tiny_qwen, out, data, **kw, **DIST), tmp_path, "two")
     assert res.returncode == 0, res.stderr[-3000:]
-    cfg = _cfg(tiny_qwen, tmp_path / "one", data, resume_from_checkpoint=str(out / "checkpoint-2"))
+    ref = _losses(out)
+    ckpt = str(out / "checkpoint-2")
+
+    one = tmp_path / "one"
+    resumed_cfg = _cfg(
+        tiny_qwen, one, data, **kw, **SINGLE, fsdp_cpu_offload=True, resume_from_checkpoint=ckpt
+    )
+    CPTTrainer(resumed_cfg).train()
+    resumed = _losses(one)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert math.isclose(resumed[step], ref[step], rel_tol=1e-5), (step, resumed, ref)
+
+    # refused: a different global batch, and a sharded checkpoint in a single-process run
+    wrong = _cfg(tiny_qwen, tmp_path / "x", data, **kw, **DIST, resume_from_checkpoint=ckpt)
     with pytest.raises(ResumeError) as err:
-        CPTTrainer(cfg).train()
+        CPTTrainer(wrong).train()
     msg = str(err.value)
-    assert "number of processes (WORLD_SIZE): the checkpoint has 2, this run has 1" in msg
+    assert "the checkpoint has 1 x 2 x 2 = 4 blocks, this run has 1 x 2 x 1 = 2 blocks" in msg
     assert "checkpoint format: the checkpoint is sharded (FSDP2/DCP)" in msg
-    assert not (tmp_path / "one").exists()  # refused before anything was written
+    assert "set to the final/ (or best/) folder of that run" in msg
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_a_model_that_fails_to_load_on_rank_0_stops_every_rank(tiny_qwen, tmp_path):

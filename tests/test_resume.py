@@ -6,6 +6,7 @@ equal (``==``), as in torchtitan's resume test.
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -219,6 +220,27 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tiny_qwen, tmp_path):
     assert _losses(out) == _losses(tmp_path / "straight")
 
 
+def test_resume_may_split_the_same_global_batch_differently(tiny_qwen, tmp_path):
+    """2 x 2 micro-batches per step, resumed as 4 x 1: the same blocks make each step."""
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=4, save_steps=2)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
+    ref = _losses(tmp_path / "straight")
+    out = tmp_path / "resplit"
+    cfg = _cfg(
+        tiny_qwen,
+        out,
+        data,
+        **{**kw, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"),
+    )
+    CPTTrainer(cfg).train()
+    resumed = _losses(out)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert math.isclose(resumed[step], ref[step], rel_tol=1e-5), (step, resumed, ref)
+
+
 def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
     data = _write_data(tmp_path)
     out = tmp_path / "out"
@@ -236,7 +258,9 @@ def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
             )
         ).train()
     with pytest.raises(
-        ResumeError, match="gradient_accumulation_steps: the checkpoint has 2, this run has 4"
+        ResumeError,
+        match=r"global batch \(per_device_train_batch_size x gradient_accumulation_steps x "
+        r"processes\): the checkpoint has 2 x 2 x 1 = 4 blocks, this run has 2 x 4 x 1 = 8",
     ):
         CPTTrainer(
             _cfg(

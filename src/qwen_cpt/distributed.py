@@ -515,7 +515,8 @@ def save_sharded_checkpoint(
 def load_sharded_checkpoint(
     path: Path, ctx: DistContext, model, optimizers: dict
 ) -> dict[str, torch.Tensor]:
-    """Load model and optimizer shards from ``path/dcp`` in place; return this rank's RNG."""
+    """Load model and optimizer state from ``path/dcp`` into this run's shards (DCP reshards
+    when the number of processes differs); return this rank's RNG state."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
@@ -528,7 +529,10 @@ def load_sharded_checkpoint(
     set_model_state_dict(model, state["model"])
     for name, opt in optimizers.items():
         set_optimizer_state_dict(model, opt, state["optim"][name])
-    return load_file(str(Path(path) / "rng" / f"rank-{ctx.rank}.safetensors"))
+    rng = Path(path) / "rng" / f"rank-{ctx.rank}.safetensors"
+    if not rng.is_file():  # saved by fewer processes: this rank starts from rank 0's generator
+        rng = rng.with_name("rank-0.safetensors")
+    return load_file(str(rng))
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

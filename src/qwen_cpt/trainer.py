@@ -71,8 +71,11 @@ from .tracking import Trackers, build_trackers
 
 log = logging.getLogger("qwen_cpt")
 
-# Fields that must not change between a checkpoint and its resume: they fix the data order
-# and what a "step" is, so changing them would silently break the exact-resume promise.
+# What a checkpoint records of the run's layout. A resume must keep the fields that fix the
+# blocks and their order (max_length, packing, seed) and the global batch, which fixes what a
+# step is: per_device_train_batch_size x gradient_accumulation_steps x processes blocks, the
+# next ones of the stream. How the global batch is split over processes and micro-batches may
+# change: the step's token-weighted loss does not depend on the split.
 GEOMETRY_FIELDS = (
     "max_length",
     "per_device_train_batch_size",
@@ -80,6 +83,7 @@ GEOMETRY_FIELDS = (
     "document_aware_packing",
     "seed",
 )
+FIXED_FIELDS = ("max_length", "document_aware_packing", "seed")
 ARCH_FIELDS = (
     "model_type",
     "hidden_size",
@@ -775,11 +779,18 @@ class CPTTrainer:
         problems = []
         current = {**{k: getattr(cfg, k) for k in GEOMETRY_FIELDS}, **self._layout()}
         saved_geometry = {"world_size": 1, "sharded": False, **state["geometry"]}
-        for key, saved in saved_geometry.items():
-            if key == "sharded" or current.get(key) == saved:
-                continue
-            what = "number of processes (WORLD_SIZE)" if key == "world_size" else key
-            problems.append(f"{what}: the checkpoint has {saved!r}, this run has {current[key]!r}")
+        for key in FIXED_FIELDS:
+            if current[key] != saved_geometry[key]:
+                problems.append(
+                    f"{key}: the checkpoint has {saved_geometry[key]!r}, "
+                    f"this run has {current[key]!r}"
+                )
+        split = [_global_batch(saved_geometry), _global_batch(current)]
+        if split[0][1] != split[1][1]:
+            problems.append(
+                "global batch (per_device_train_batch_size x gradient_accumulation_steps x "
+                f"processes): the checkpoint has {split[0][0]}, this run has {split[1][0]}"
+            )
         if saved_geometry["sharded"] != current["sharded"]:
             kinds = {True: "sharded (FSDP2/DCP)", False: "single-process"}
             problems.append(
@@ -813,6 +824,12 @@ class CPTTrainer:
                 )
             )
         log.info("resuming from %s at step %d", path, state["step"])
+        if split[0][0] != split[1][0]:
+            log.info(
+                "global batch split as %s (the checkpoint: %s): the same blocks per step",
+                split[1][0],
+                split[0][0],
+            )
         return {"state": state, "path": path}
 
     def _load_weights(self, path: Path) -> None:
@@ -919,6 +936,17 @@ class CPTTrainer:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _global_batch(geometry: dict) -> tuple[str, int]:
+    """``("2 x 4 x 8 = 64 blocks", 64)``: how a step's blocks are split, and how many."""
+    parts = [
+        geometry["per_device_train_batch_size"],
+        geometry["gradient_accumulation_steps"],
+        geometry["world_size"],
+    ]
+    total = math.prod(parts)
+    return " x ".join(map(str, parts)) + f" = {total} blocks", total
 
 
 def cfg_lr(cfg: CPTConfig) -> float:
