@@ -68,9 +68,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64, so token counts stay exact)."""
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)

@@ -229,12 +229,12 @@ class CPTTrainer:
             runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes
         )
         try:
-            return self._train_distributed_or_not(train_specs, eval_specs, out, runtime)
+            return self._prepare_and_train(train_specs, eval_specs, out, runtime)
         finally:
             if self._dist is not None:
                 self._dist.close()
 
-    def _train_distributed_or_not(self, train_specs, eval_specs, out, runtime) -> float:
+    def _prepare_and_train(self, train_specs, eval_specs, out, runtime) -> float:
         cfg = self.config
         if self._dist is not None:
             runtime = dataclasses.replace(runtime, device=self._dist.device)
