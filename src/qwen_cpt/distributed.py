@@ -225,6 +225,11 @@ def _broadcast_weights(root, model, full: dict, ctx: DistContext, cpu_offload: b
 
     if any(p.device.type == "meta" for p in root.parameters()):
         root.to_empty(device="cpu" if cpu_offload else ctx.device)
+        if cpu_offload:  # FSDP2 offloads parameters only: buffers live on the device, as on rank 0
+            for module in root.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.to(ctx.device)
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
