@@ -253,3 +253,19 @@ def test_cpu_offload_on_one_process_matches_plain_training(tiny_qwen, tmp_path):
         assert math.isclose(offload[step], plain[step], rel_tol=1e-5)
     assert not torch.distributed.is_initialized()  # the private group was closed
     assert (tmp_path / "offload" / "final" / "model.safetensors").is_file()
+
+
+def test_cpu_offload_on_two_processes_matches_one_process(tiny_qwen, tmp_path):
+    """Rank 1 builds the model on meta, FSDP2 keeps its shards in CPU memory, and rank 0's
+    weights reach it; gradients are reduce-scattered at every micro-batch."""
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=3, save_steps=100)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "one", data, **kw, **SINGLE)).train()
+    cfg = _cfg(tiny_qwen, tmp_path / "two", data, **kw, **DIST, fsdp_cpu_offload=True)
+    res = _train(cfg, tmp_path, "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "distributed: 2 ranks (FSDP2, CPU offload)" in res.stderr
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert math.isclose(two[step], one[step], rel_tol=1e-4), (step, two, one)
