@@ -909,6 +909,14 @@ class CPTTrainer:
         self, runtime, data, eval_sets, blocks_per_epoch, total, steps_per_epoch, warmup
     ) -> None:
         cfg = self.config
+        raw = [name for name, s in data.streams.items() if isinstance(s, D.BlockStream)]
+        if self._world_size > 1 and raw:
+            log.info(
+                "data: each of the %d ranks reads the whole stream and keeps its slice, so %s "
+                "is tokenized on every rank; `qwen-cpt prepare` tokenizes it once into a cache",
+                self._world_size,
+                ", ".join(raw),
+            )
         total_params, non_emb = count_parameters(self.model)
         log.info(
             "model: %s (%s parameters, %s non-embedding) on %s, %s",
