@@ -269,3 +269,39 @@ def test_cpu_offload_on_two_processes_matches_one_process(tiny_qwen, tmp_path):
     assert sorted(two) == [1, 2, 3]
     for step in one:
         assert math.isclose(two[step], one[step], rel_tol=1e-4), (step, two, one)
+
+
+def test_two_nodes_with_the_readme_rendezvous_flags(tiny_qwen, tmp_path):
+    """README's multi-node command, as two torchrun agents ("nodes") of one process each that
+    meet through c10d rendezvous on this machine."""
+    import socket
+
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=3, save_steps=100)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "one", data, **kw, **SINGLE)).train()
+    path = tmp_path / "nodes.yaml"
+    _cfg(tiny_qwen, tmp_path / "nodes", data, **kw, **DIST).to_yaml(path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flags = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=cpt-test",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "qwen_cpt", "train"]
+    nodes = [
+        subprocess.Popen(
+            [*cmd, str(path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert any("distributed: 2 ranks (FSDP2)" in log for log in logs)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "nodes")
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert math.isclose(two[step], one[step], rel_tol=1e-4), (step, two, one)
