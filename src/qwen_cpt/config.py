@@ -164,6 +164,13 @@ class CPTConfig:
         "[tokens x vocab] logits. Exact; off means the plain HF loss.",
     )
     loss_chunk_size: int = _f(1024, "Tokens per chunk of the fused/chunked loss.")
+    use_liger_kernel: bool = _f(
+        True,
+        "On CUDA with liger-kernel installed (pip install qwen-cpt[gpu]): Liger's fused linear "
+        "cross-entropy and its RMSNorm, SwiGLU and RoPE kernels for Qwen2/Qwen3/Llama/Mistral, "
+        "each used only after it matches PyTorch on a small check at start-up. No effect "
+        "elsewhere.",
+    )
     use_torch_compile: bool = _f(
         False,
         "torch.compile each decoder layer. Meant for CUDA (not measured on a GPU yet); on a "

@@ -147,8 +147,33 @@ def chunked_lm_loss_sum(
         )
 
 
-def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool, chunk_size: int = 1024):
-    """Forward ``batch`` and return the summed token loss (fp32 scalar)."""
+def liger_lm_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, fused_ce) -> torch.Tensor:
+    """The summed loss through Liger's fused linear cross-entropy (``qwen_cpt.kernels``), its
+    matmuls in the autocast dtype as in the chunked path."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    device_type = h.device.type
+    dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else head.weight.dtype
+    )
+    bias = None if head.bias is None else head.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return fused_ce(head.weight.to(dtype), h.to(dtype), y, bias).float()
+
+
+def lm_loss_sum(
+    model,
+    batch: dict[str, torch.Tensor],
+    chunked: bool,
+    chunk_size: int = 1024,
+    fused_ce=None,
+):
+    """Forward ``batch`` and return the summed token loss (fp32 scalar).
+
+    ``fused_ce``: Liger's verified fused linear cross-entropy, used instead of the chunked loss.
+    """
     kwargs = dict(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -158,9 +183,10 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool, chunk_size
     if chunked:
         base = getattr(model, model.base_model_prefix)
         hidden = base(**kwargs).last_hidden_state
-        return chunked_lm_loss_sum(
-            hidden, model.get_output_embeddings(), batch["labels"], chunk_size
-        )
+        head = model.get_output_embeddings()
+        if fused_ce is not None:
+            return liger_lm_loss_sum(hidden, head, batch["labels"], fused_ce)
+        return chunked_lm_loss_sum(hidden, head, batch["labels"], chunk_size)
     logits = model(**kwargs).logits
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),

@@ -52,6 +52,7 @@ from .distributed import (
     save_sharded_checkpoint,
     shard_model,
 )
+from .kernels import enable_liger
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
     ModelLoadError,
@@ -283,6 +284,10 @@ class CPTTrainer:
             resumed = self._check_resume(resume_dir, data)
             if ctx is None:
                 self._load_weights(resume_dir)
+        # Liger's kernels (CUDA, when installed and checked) before checkpointing and compile wrap
+        fused_ce = enable_liger(self.model, runtime.device) if cfg.use_liger_kernel else None
+        if ctx is not None and not ctx.all_ok(fused_ce is not None):
+            fused_ce = None  # one loss on every rank
         if cfg.use_gradient_checkpointing:
             enable_activation_checkpointing(self.model, cfg.gradient_checkpointing_every_n_layers)
         if cfg.use_torch_compile:
@@ -293,10 +298,16 @@ class CPTTrainer:
                 "loss: plain HF logits (chunked loss supports %s)", self.model.config.model_type
             )
         self._chunked = chunked  # what _loss_sum runs when not sharded
+        self._fused_ce = fused_ce if chunked else None
         if ctx is not None:
             self._root = shard_model(
                 self.model,
-                functools.partial(lm_loss_sum, chunked=chunked, chunk_size=cfg.loss_chunk_size),
+                functools.partial(
+                    lm_loss_sum,
+                    chunked=chunked,
+                    chunk_size=cfg.loss_chunk_size,
+                    fused_ce=self._fused_ce,
+                ),
                 ctx,
                 bf16_params=runtime.device.type == "cuda" and runtime.autocast_dtype is not None,
                 cpu_offload=cfg.fsdp_cpu_offload,
@@ -554,7 +565,9 @@ class CPTTrainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._root is not None:  # through the FSDP2 root, which gathers its parameters
             return self._root(batch)
-        return lm_loss_sum(self.model, batch, self._chunked, self.config.loss_chunk_size)
+        return lm_loss_sum(
+            self.model, batch, self._chunked, self.config.loss_chunk_size, self._fused_ce
+        )
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
         st, cfg = self.state, self.config
