@@ -19,9 +19,8 @@ about 139 GiB).
 
 The model is written once, before any case, with random weights (no download) by
 ``qwen_cpt.make_tiny_model``: Qwen2.5-0.5B's shapes by default, Qwen2.5-7B's with ``--model 7B``.
-make_tiny_model always ties Qwen2's embeddings; for 7B the script then unties them in
-config.json, so the LM head (untied in Qwen2.5-7B) is initialised when the trainer loads it (the
-7B model is about 30 GB on disk and takes minutes to write: give it a larger budget). The
+Weights are written in bf16, as Qwen ships them, and the 7B head is untied, as in Qwen2.5-7B (the
+7B model is about 15 GB on disk and takes minutes to write: give it a larger budget). The
 data is Python's standard library (pydoc topics and ``.py`` sources, as in qwen_cpt.demo), one
 JSONL record per document, repeated until there is about twice the text the case's steps need.
 
@@ -76,15 +75,14 @@ DATA_MARGIN = 2.0
 
 
 def build_model(name: str, directory: Path) -> Path:
+    import torch
+
     from qwen_cpt import make_tiny_model
 
-    path = make_tiny_model(directory, **SHAPES[name])
-    if name in UNTIED:
-        config_path = path / "config.json"
-        config = json.loads(config_path.read_text())
-        config["tie_word_embeddings"] = False
-        config_path.write_text(json.dumps(config, indent=2))
-    return path
+    dtype = torch.float32 if name == "tiny" else torch.bfloat16  # as Qwen ships its weights
+    return make_tiny_model(
+        directory, **SHAPES[name], tie_word_embeddings=name not in UNTIED, dtype=dtype
+    )
 
 
 def write_corpus(path: Path, tokens: int) -> Path:

@@ -234,6 +234,41 @@ def test_tokenizer_larger_than_embedding_is_refused(tiny_qwen, tmp_path):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_tiny_model_untied_in_bf16_trains_in_fp32(tmp_path):
+    """Qwen2.5-7B's layout (untied head, bf16 files): the trainer keeps fp32 master weights."""
+    import json
+
+    from safetensors import safe_open
+
+    from qwen_cpt import make_tiny_model
+
+    path = make_tiny_model(
+        tmp_path / "untied",
+        hidden_size=16,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        tie_word_embeddings=False,
+        dtype=torch.bfloat16,
+    )
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    trainer = CPTTrainer(
+        CPTConfig(
+            model_name_or_path=str(path),
+            output_dir=str(tmp_path / "out"),
+            max_steps=1,
+            max_length=16,
+            use_muon_optimizer=False,
+        )
+    )
+    trainer.train(SAMPLE_TEXTS[:4])
+    head, emb = trainer.model.lm_head.weight, trainer.model.model.embed_tokens.weight
+    assert head.dtype == torch.float32 and head.data_ptr() != emb.data_ptr()
+
+
 def test_non_finite_loss_stops_before_the_optimizer_step(tiny_qwen, tmp_path):
     from qwen_cpt import TrainingError
 

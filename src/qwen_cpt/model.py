@@ -246,12 +246,16 @@ def make_tiny_model(
     vocab_size: int = QWEN25_EMBEDDING_ROWS,
     max_position_embeddings: int = 32768,
     seed: int = 0,
+    tie_word_embeddings: bool | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a randomly initialised HF model with Qwen2.5's layout plus the real Qwen2.5 tokenizer.
 
     ``arch="qwen2"`` gives GQA, q/k/v biases, tied embeddings, rope_theta 1e6, RMSNorm eps 1e-6
     and 151936 embedding rows, like Qwen2.5-0.5B at a fraction of the width. ``arch="llama"``
     gives the same sizes as a Llama (no biases, untied head), to exercise other HF causal LMs.
+    ``tie_word_embeddings`` overrides the architecture's choice (Qwen2.5-7B's head is untied);
+    ``dtype`` is the dtype written to disk (bf16 halves a big model's files, as Qwen's own).
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -276,14 +280,19 @@ def make_tiny_model(
         pad_token_id=EOS_TOKEN_ID if vocab_size > EOS_TOKEN_ID else None,
         use_cache=False,
     )
+    tied = (
+        {"qwen2": True, "llama": False}.get(arch)
+        if tie_word_embeddings is None
+        else tie_word_embeddings
+    )
     if arch == "qwen2":
-        config = Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, **common)
+        config = Qwen2Config(tie_word_embeddings=tied, rope_theta=1e6, **common)
     elif arch == "llama":
-        config = LlamaConfig(tie_word_embeddings=False, rope_theta=1e6, **common)
+        config = LlamaConfig(tie_word_embeddings=tied, rope_theta=1e6, **common)
     else:
         raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
