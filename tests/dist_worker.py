@@ -60,13 +60,20 @@ def muon_parity() -> None:
 
 
 def timeout() -> None:
-    """A collective that one rank never joins fails after distributed_timeout_minutes."""
+    """A collective that one rank never joins fails after distributed_timeout_minutes (15 s;
+    long enough for a slow machine to start both ranks, which the same timeout covers)."""
+    import os
+    from pathlib import Path
+
     from qwen_cpt.distributed import init_distributed
 
-    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=0.05)
-    if ctx.rank == 1:
-        time.sleep(20)  # never joins; exits after rank 0 has failed
-        return
+    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=0.25)
+    done = Path(sys.argv[2])
+    if ctx.rank == 1:  # alive but never joins, until rank 0 has seen its error
+        deadline = time.monotonic() + 120
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(0)
     start = time.monotonic()
     try:
         ctx.sum([1.0])
@@ -74,9 +81,9 @@ def timeout() -> None:
         waited = time.monotonic() - start
         print("RESULT " + json.dumps({"waited_s": waited, "error": str(exc)[:300]}))
         sys.stdout.flush()
-        import os
-
+        done.touch()
         os._exit(0)  # the group is broken: skip the destroy
+    done.touch()
     raise AssertionError("the collective returned although rank 1 never joined")
 
 
