@@ -124,10 +124,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def chunked_lm_loss_sum(
-    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """Sum of next-token cross-entropy over ``hidden[:, :-1]`` vs ``labels[:, 1:]``."""
+def _shift(hidden: torch.Tensor, labels: torch.Tensor, head) -> tuple:
+    """``(hidden[:, :-1], labels[:, 1:])`` flattened, and the dtype the head's matmuls use:
+    the autocast dtype if autocast is on, else the head's own."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     device_type = h.device.type
@@ -136,12 +135,20 @@ def chunked_lm_loss_sum(
         if torch.is_autocast_enabled(device_type)
         else head.weight.dtype
     )
+    return h, y, compute_dtype
+
+
+def chunked_lm_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Sum of next-token cross-entropy over ``hidden[:, :-1]`` vs ``labels[:, 1:]``."""
+    h, y, compute_dtype = _shift(hidden, labels, head)
     want_grad = torch.is_grad_enabled() and (
         h.requires_grad
         or head.weight.requires_grad
         or (head.bias is not None and head.bias.requires_grad)
     )
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
             h, head.weight, head.bias, y, head, chunk_size, compute_dtype, want_grad
         )
@@ -149,17 +156,10 @@ def chunked_lm_loss_sum(
 
 def liger_lm_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, fused_ce) -> torch.Tensor:
     """The summed loss through Liger's fused linear cross-entropy (``qwen_cpt.kernels``), its
-    matmuls in the autocast dtype as in the chunked path."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    device_type = h.device.type
-    dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else head.weight.dtype
-    )
+    matmuls in the same dtype as the chunked path's."""
+    h, y, dtype = _shift(hidden, labels, head)
     bias = None if head.bias is None else head.bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         return fused_ce(head.weight.to(dtype), h.to(dtype), y, bias).float()
 
 
