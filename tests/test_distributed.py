@@ -132,6 +132,7 @@ def test_two_processes_match_one_and_resume_exactly(tiny_qwen, tmp_path, muon):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "distributed: 2 ranks (FSDP2)" in res.stderr
     assert "global batch 4 x 24 tokens" in res.stderr
+    assert "gradients: reduce-scattered on the last micro-batch only" in res.stderr
     assert res.stdout.count("final average training loss") == 1  # rank 0 speaks
     dist = _losses(straight)
     assert sorted(dist) == list(range(1, 7))  # one metrics line per step: rank 0 writes

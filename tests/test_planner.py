@@ -370,6 +370,31 @@ def test_fsdp_shards_the_states():
     assert accum["grads"] == one["grads"] / 4 + one["grads"]
 
 
+def test_gradient_sync_on_the_last_micro_batch_only_when_it_fits():
+    from qwen_cpt.planner import sync_every_micro_batch
+
+    cfg = CPTConfig(
+        model_name_or_path="m", max_length=64, gradient_accumulation_steps=4, use_bf16=True
+    )
+    model = _qwen2_config_dict(SMALL)
+    assert sync_every_micro_batch(cfg, model, 4, device_memory_gb=80)[0] is False
+    sync, why = sync_every_micro_batch(cfg, model, 4, device_memory_gb=0.02)
+    assert sync is True and "would need about" in why
+    # the plan of fsdp_sync_every_micro_batch: null is the one the trainer will run
+    last = estimate_memory(
+        SMALL, micro_batch=1, seq_len=64, world_size=4, gradient_accumulation_steps=4
+    )
+    every = estimate_memory(
+        SMALL,
+        micro_batch=1,
+        seq_len=64,
+        world_size=4,
+        gradient_accumulation_steps=4,
+        sync_every_micro_batch=True,
+    )
+    assert every.components["grads"] == last.components["grads"] - 4.0 * SMALL_TOTAL
+
+
 def test_cpu_offload_keeps_the_states_off_the_device():
     one = estimate_memory(SMALL, micro_batch=1, seq_len=8, gradient_accumulation_steps=4)
     off = estimate_memory(

@@ -189,6 +189,14 @@ class CPTConfig:
         "and stream each layer to the GPU when it runs. Lets a model train on fewer or smaller "
         "GPUs than it needs otherwise, at a large cost in speed; works on one process too.",
     )
+    fsdp_sync_every_micro_batch: bool | None = _f(
+        None,
+        "Under FSDP2 with gradient accumulation: true reduce-scatters gradients after every "
+        "micro-batch, false on the last one only (gradient_accumulation_steps - 1 fewer "
+        "reduce-scatters per step, but each GPU holds unsharded fp32 gradients, 4 B/param, "
+        "until then). None: the last one only, unless the memory estimate of qwen-cpt plan "
+        "says that would not fit the GPU (logged). Always every one with fsdp_cpu_offload.",
+    )
     distributed_timeout_minutes: float = _f(
         30.0,
         "Under torchrun: how long a collective may wait for the other ranks before the run "

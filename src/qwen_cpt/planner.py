@@ -489,6 +489,7 @@ def estimate_memory(
     capacity_bytes: float | None = None,
     param_counts: ParamCounts | None = None,
     cpu_offload: bool = False,
+    sync_every_micro_batch: bool = False,
 ) -> MemoryEstimate:
     """Estimate peak memory per device of one training step of this trainer.
 
@@ -516,7 +517,8 @@ def estimate_memory(
     - overhead: CUDA context and library workspaces (1 GiB), none on CPU.
     ``world_size > 1`` assumes FSDP/ZeRO-3: weights, grads and optimizer state are sharded;
     with gradient accumulation the trainer reduce-scatters on the last micro-batch only, so
-    until then each rank also holds unsharded fp32 gradients (4 B/param). ``cpu_offload``
+    until then each rank also holds unsharded fp32 gradients (4 B/param), unless
+    ``sync_every_micro_batch`` (``fsdp_sync_every_micro_batch``). ``cpu_offload``
     (``fsdp_cpu_offload``): weights, gradients and optimizer state live in CPU memory and are
     not counted; the device holds the unsharded working set of about two blocks.
     """
@@ -562,7 +564,11 @@ def estimate_memory(
     )
     mask_note = ", SDPA with the packed block-causal mask" if packed_mask else ""
     on_device = 0.0 if cpu_offload else 1.0
-    unsharded_grads = world_size > 1 and gradient_accumulation_steps > 1 and not cpu_offload
+    unsharded_grads = (
+        world_size > 1
+        and gradient_accumulation_steps > 1
+        and not (cpu_offload or sync_every_micro_batch)
+    )
     components = {
         "weights": on_device * 4.0 * p.total / shards,
         "grads": on_device * 4.0 * p.total / shards + (4.0 * p.total if unsharded_grads else 0),
@@ -593,6 +599,8 @@ def estimate_memory(
         + (
             "; + unsharded fp32 gradients between micro-batches (4 B/param)"
             if unsharded_grads
+            else "; reduce-scattered after every micro-batch"
+            if world_size > 1 and gradient_accumulation_steps > 1
             else ""
         ),
         "optimizer": (
@@ -753,8 +761,18 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
     """The estimate for ``cfg``; ``accum`` defaults to 2 (gradients held: the safe side).
 
     Assumes flash_attention_2 on CUDA when ``use_flash_attention`` (``qwen-cpt[gpu]``); without
-    it, packed documents make SDPA take a block-causal mask.
+    it, packed documents make SDPA take a block-causal mask. ``fsdp_sync_every_micro_batch:
+    None`` is estimated as the trainer decides it: the last micro-batch only if that fits.
     """
+    sync = getattr(cfg, "fsdp_sync_every_micro_batch", False)
+    if sync is None:
+        last_only = _memory_for(
+            _ConfigView(cfg, fsdp_sync_every_micro_batch=False),
+            shape, p, micro, world, device, capacity, accum,
+        )  # fmt: skip
+        if device != "cuda" or capacity is None or last_only.peak <= USABLE_FRACTION * capacity:
+            return last_only
+        sync = True
     flash = device == "cuda" and cfg.use_flash_attention
     return estimate_memory(
         shape,
@@ -773,6 +791,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         capacity_bytes=capacity,
         param_counts=p,
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
+        sync_every_micro_batch=sync,
     )
 
 
@@ -843,7 +862,8 @@ def _steps(cfg, n_tokens: int, micro: int, accum: int, world: int) -> tuple[int,
 def _suggestions(cfg, shape, p, micro, accum, world, device, capacity) -> list[str]:
     """Changes, cheapest first and cumulative, until the peak fits; each with its new peak.
 
-    Order: the exact and free one (chunked loss), then those that cost time (checkpointing:
+    Order: the exact and free one (chunked loss), then reduce-scattering every micro-batch
+    under FSDP (more communication, no unsharded gradients), then those that cost time (checkpointing:
     about 30% more compute; a smaller micro-batch at the same global batch), then a different
     optimizer (Muon: on par for CPT per Moonlight), then more devices. A change that does not
     lower the peak (say, a smaller micro-batch while optimizer temporaries dominate) is skipped.
@@ -875,6 +895,10 @@ def _suggestions(cfg, shape, p, micro, accum, world, device, capacity) -> list[s
 
     if not cfg.use_fused_loss and _chunkable(shape.model_type):
         if apply("use_fused_loss: true", cfg=cfg_with(use_fused_loss=True)):
+            return out
+    if world > 1 and accum > 1 and not cfg.fsdp_sync_every_micro_batch:
+        change = "fsdp_sync_every_micro_batch: true (no unsharded gradients between micro-batches)"
+        if apply(change, cfg=cfg_with(fsdp_sync_every_micro_batch=True)):
             return out
     if not cfg.use_gradient_checkpointing:
         if apply("use_gradient_checkpointing: true", cfg=cfg_with(use_gradient_checkpointing=True)):
@@ -1123,6 +1147,7 @@ def resolve_auto(
     n_train_tokens: int,
     world_size: int = 1,
     device_memory_gb: float | None = None,
+    device: str | None = None,
 ) -> dict[str, tuple[int | float, str]]:
     """Concrete values for the config fields set to ``"auto"``: ``{field: (value, rule)}``.
 
@@ -1133,7 +1158,8 @@ def resolve_auto(
     what the model's parameters already take (they are resident when this is called); on CPU
     the estimate must fit in 1 / ``CPU_RSS_FACTOR`` of it, for the allocator's retained heap.
     ``world_size > 1`` assumes FSDP sharding of weights, gradients and optimizer state, as
-    ``qwen-cpt plan --gpus`` does.
+    ``qwen-cpt plan --gpus`` does. ``device`` ("cuda" or "cpu") is the device that will train,
+    when the model is not on it yet (FSDP2 loads on the CPU first).
 
     Order: the batch first (Step Law from D), then the learning rate, whose Step Law cap needs
     the tokens actually trained (which depends on the batch when ``max_steps`` is set).
@@ -1145,7 +1171,7 @@ def resolve_auto(
     config = getattr(model, "config", model)
     shape = ModelShape.from_config(config)
     p = _counts_of(model, shape)
-    device, capacity = _device_capacity(model, device_memory_gb)
+    device, capacity = _device_capacity(model, device_memory_gb, device)
     if device == "cpu":
         capacity /= CPU_RSS_FACTOR
     bf16 = cfg.use_bf16 and (device == "cuda" or _cpu_bf16())
@@ -1171,6 +1197,32 @@ def resolve_auto(
             f"D = {trained:.3g} tokens",
         )
     return out
+
+
+def sync_every_micro_batch(
+    cfg, model, world_size: int, device_memory_gb: float
+) -> tuple[bool, str]:
+    """Whether FSDP2 should reduce-scatter after every micro-batch, and why.
+
+    Syncing on the last micro-batch only saves ``accum - 1`` reduce-scatters per step but holds
+    unsharded fp32 gradients (4 B/param) until then; take it when the memory estimate says the
+    step still fits the device, else sync every micro-batch.
+    """
+    config = getattr(model, "config", model)
+    shape = ModelShape.from_config(config)
+    p = _counts_of(model, shape)
+    capacity = device_memory_gb * GiB
+    flash = getattr(config, "_attn_implementation", None) == "flash_attention_2"
+    view = _ConfigView(cfg, use_flash_attention=flash, fsdp_sync_every_micro_batch=False)
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    peak = _memory_for(view, shape, p, micro, world_size, "cuda", capacity, accum).peak
+    limit = USABLE_FRACTION * capacity
+    if peak <= limit:
+        return False, f"on the last micro-batch only (estimated peak {peak / GiB:.1f} GiB fits)"
+    return True, (
+        f"after every micro-batch: holding unsharded gradients until the last would need "
+        f"about {peak / GiB:.1f} GiB of {capacity / GiB:.1f} GiB (estimate)"
+    )
 
 
 class _ConfigView:
@@ -1205,18 +1257,21 @@ def _counts_of(model, shape: ModelShape) -> ParamCounts:
     )
 
 
-def _device_capacity(model, device_memory_gb: float | None) -> tuple[str, float]:
-    device = "cpu"
+def _device_capacity(
+    model, device_memory_gb: float | None, device: str | None = None
+) -> tuple[str, float]:
     params = list(model.parameters()) if hasattr(model, "parameters") else []
-    if params and params[0].device.type == "cuda":
-        device = "cuda"
+    if device is None:
+        device = "cuda" if params and params[0].device.type == "cuda" else "cpu"
     if device_memory_gb is not None:
         _positive(device_memory_gb=device_memory_gb)
         return device, device_memory_gb * GiB
     if device == "cuda":
         import torch
 
-        return device, float(torch.cuda.get_device_properties(params[0].device).total_memory)
+        return device, float(
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        )
     import psutil
 
     resident = sum(p.numel() * p.element_size() for p in params)

@@ -278,7 +278,7 @@ class CPTTrainer:
             # shard_model then gives every rank its fp32 shards on the device
             self.model = self._load_on_main(runtime)
         check_vocab(self.tokenizer, self.model, cfg.model_name_or_path)
-        self._resolve_auto(blocks_per_epoch, resume_dir)
+        self._resolve_auto(blocks_per_epoch, resume_dir, runtime)
         resumed = None
         if resume_dir is not None:
             resumed = self._check_resume(resume_dir, data)
@@ -298,6 +298,7 @@ class CPTTrainer:
                 "loss: plain HF logits (chunked loss supports %s)", self.model.config.model_type
             )
         self._chunked = chunked  # what _loss_sum runs when not sharded
+        self._sync_every = ctx is not None and self._choose_gradient_sync(runtime)
         self._fused_ce = fused_ce if chunked else None
         if ctx is not None:
             self._root = shard_model(
@@ -426,9 +427,7 @@ class CPTTrainer:
                 if self._root is not None:
                     # reduce-scatter on the last micro-batch only; until then each rank holds
                     # unsharded fp32 gradients, which CPU offload has no GPU room for
-                    self._root.set_requires_gradient_sync(
-                        cfg.fsdp_cpu_offload or i == len(group) - 1
-                    )
+                    self._root.set_requires_gradient_sync(self._sync_every or i == len(group) - 1)
                 with runtime.autocast:
                     loss_sum = self._loss_sum(batch)
                 if loss_sum.requires_grad:
@@ -557,6 +556,32 @@ class CPTTrainer:
         """``fn()`` on rank 0 (file system work), its result or exception on every rank."""
         return fn() if self._dist is None else self._dist.on_main(fn)
 
+    def _choose_gradient_sync(self, runtime: Runtime) -> bool:
+        """True: reduce-scatter after every micro-batch; False: on the last one only."""
+        cfg = self.config
+        if cfg.gradient_accumulation_steps == 1:
+            return False
+        if cfg.fsdp_cpu_offload:
+            sync, why = True, "after every micro-batch (fsdp_cpu_offload)"
+        elif cfg.fsdp_sync_every_micro_batch is not None:
+            sync = cfg.fsdp_sync_every_micro_batch
+            why = f"{'after every' if sync else 'on the last'} micro-batch (config)"
+        elif runtime.device.type != "cuda":
+            sync, why = False, "on the last micro-batch only"
+        else:
+            from .planner import sync_every_micro_batch
+
+            sync, why = self._on_main(
+                lambda: sync_every_micro_batch(
+                    self.config,
+                    self.model,
+                    self._world_size,
+                    _device_memory_gb(runtime.device),
+                )
+            )
+        log.info("gradients: reduce-scattered %s", why)
+        return sync
+
     def _peak_memory_gb(self, device: torch.device) -> float:
         """This process's memory, or the largest over the ranks (the one closest to OOM)."""
         gb = memory_gb(device)
@@ -597,7 +622,7 @@ class CPTTrainer:
         )
 
     # --- data ----------------------------------------------------------------------------------
-    def _resolve_auto(self, blocks_per_epoch: int, resume_dir: Path | None) -> None:
+    def _resolve_auto(self, blocks_per_epoch: int, resume_dir: Path | None, runtime) -> None:
         """Replace ``auto`` learning rate / batch fields with the planner's values, logged.
 
         A resume takes them from the checkpoint's config instead, so the run keeps its geometry
@@ -619,7 +644,17 @@ class CPTTrainer:
             return
         from .planner import resolve_auto
 
-        chosen = resolve_auto(cfg, self.model, blocks_per_epoch * cfg.max_length)
+        # on rank 0 (which holds the real weights), for the device that will train
+        chosen = self._on_main(
+            lambda: resolve_auto(
+                cfg,
+                self.model,
+                blocks_per_epoch * cfg.max_length,
+                world_size=self._world_size,
+                device_memory_gb=_device_memory_gb(runtime.device),
+                device=runtime.device.type,
+            )
+        )
         for name, (value, rule) in chosen.items():
             setattr(cfg, name, value)
             log.info("%s: auto -> %s (%s)", name, value, rule)
@@ -957,6 +992,13 @@ class CPTTrainer:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _device_memory_gb(device: torch.device) -> float | None:
+    """The GPU's total memory in GiB (None on a CPU: the planner then reads free RAM)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
 def _global_batch(geometry: dict) -> tuple[str, int]:
