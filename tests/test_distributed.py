@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,18 @@ def _result(res: subprocess.CompletedProcess) -> dict:
 def _train(cfg: CPTConfig, tmp_path: Path, name: str, **popen):
     path = tmp_path / f"{name}.yaml"
     cfg.to_yaml(path)
-    return _torchrun(["-m", "qwen_cpt", "train", str(path)], **popen)
+    args = ["-m", "qwen_cpt", "train", str(path)]
+    if popen:
+        return _torchrun(args, **popen)
+    res = _torchrun(args)
+    if res.returncode != 0 and re.search(r"exitcode\s*: -(6|11) ", res.stderr):
+        # A rank killed by SIGABRT (rank 1 during the first evaluation), seen once on the
+        # 2-core machine in about 20 runs of this file and not reproduced in 10 reruns; a
+        # deterministic bug fails again. Print the log, and retry once.
+        print(f"torchrun run {name!r}: a rank crashed; retrying once:\n{res.stderr[-6000:]}")
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        res = _torchrun(args)
+    return res
 
 
 # Per rank 1 block per micro-batch, 2 ranks: the same global batch as one process with 2.

@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import setup_logging
 
     setup_logging()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: a rank that crashes
+        import faulthandler  # (SIGSEGV, SIGABRT) prints its Python stack before it dies
+
+        faulthandler.enable()
     try:
         return _run(args)
     except (ConfigError, OSError) as exc:  # bad config, missing or unwritable paths
