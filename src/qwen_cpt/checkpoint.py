@@ -142,6 +142,16 @@ def save_folder(target: Path, write_contents, manifest: bool = True) -> Path:
     return commit_folder(tmp, target, manifest)
 
 
+def write_run_files(folder: Path, tokenizer, config=None, state=None) -> None:
+    """What every saved folder holds besides weights: the tokenizer, ``config.yaml`` and
+    ``trainer_state.json``."""
+    tokenizer.save_pretrained(folder)
+    if config is not None:
+        config.to_yaml(folder / "config.yaml")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
 def save_model_dir(
     target: Path, model, tokenizer, config=None, state=None, state_dict=None
 ) -> Path:
@@ -152,11 +162,7 @@ def save_model_dir(
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if config is not None:
-            config.to_yaml(tmp / "config.yaml")
-        if state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        write_run_files(tmp, tokenizer, config, state)
 
     return save_folder(target, write)
 
@@ -169,11 +175,9 @@ def save_training_checkpoint(
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        config.to_yaml(tmp / "config.yaml")
+        write_run_files(tmp, tokenizer, config, state)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         save_file(rng, str(tmp / "rng_state.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     return save_folder(target, write)
 

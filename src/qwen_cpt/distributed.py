@@ -86,6 +86,20 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def raise_unless_all_ok(self, error: BaseException | None, what: str, error_cls) -> None:
+        """After a step every rank tried: raise on every rank if it failed on any.
+
+        The rank that failed raises ``error_cls`` naming its error; the others say that it
+        failed elsewhere, instead of waiting in the next collective until the timeout.
+        """
+        if self.all_ok(error is None):
+            return
+        if error is not None:
+            if isinstance(error, error_cls):
+                raise error
+            raise error_cls(f"{what} failed on rank {self.rank}: {error}") from error
+        raise error_cls(f"{what} failed on another rank; see its log")
+
     def on_main(self, fn):
         """Run ``fn`` on rank 0 only and give its result, or raise its exception, on all ranks."""
         box: list = [None]
@@ -496,12 +510,12 @@ def save_sharded_checkpoint(
         save_file(rng, str(tmp / "rng" / f"rank-{ctx.rank}.safetensors"))
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = exc
-    if not ctx.all_ok(error is None):
+    try:
+        ctx.raise_unless_all_ok(error, f"saving {target}", CheckpointError)
+    except CheckpointError:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None:
-            raise CheckpointError(f"saving {target} failed on rank {ctx.rank}: {error}") from error
-        raise CheckpointError(f"saving {target} failed on another rank; see its log")
+        raise
 
     def commit() -> Path:
         try:

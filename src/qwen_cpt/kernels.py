@@ -22,6 +22,7 @@ import copy
 import importlib
 import importlib.util
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -107,8 +108,6 @@ def verified_fused_ce(loss_cls, device: torch.device) -> Callable | None:
 def patch_and_verify(model, patch: Callable, device: torch.device) -> str | None:
     """Apply ``patch(model=...)``'s kernels to ``model`` if they pass on a one-layer copy of its
     architecture; else undo the module-level changes and say why (None: patched)."""
-    import sys
-
     modeling = sys.modules.get(type(model).__module__)
     saved = dict(vars(modeling)) if modeling is not None else {}
     kwargs = dict(

@@ -41,6 +41,7 @@ from .checkpoint import (
     save_model_dir,
     save_training_checkpoint,
     verify,
+    write_run_files,
 )
 from .config import CPTConfig
 from .distributed import (
@@ -536,12 +537,7 @@ class CPTTrainer:
                 model = build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
             error = exc
-        if not ctx.all_ok(error is None):
-            if error is not None:
-                raise error
-            raise ModelLoadError(
-                f"loading {cfg.model_name_or_path} failed on another rank; see its log"
-            )
+        ctx.raise_unless_all_ok(error, f"loading {cfg.model_name_or_path}", ModelLoadError)
         return model
 
     @property
@@ -773,11 +769,7 @@ class CPTTrainer:
 
             def write_main_files(tmp: Path) -> None:
                 self.model.config.save_pretrained(tmp)  # for the architecture check on resume
-                self.tokenizer.save_pretrained(tmp)
-                cfg.to_yaml(tmp / "config.yaml")
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps(state, indent=2), encoding="utf-8"
-                )
+                write_run_files(tmp, self.tokenizer, cfg, state)
 
             save_sharded_checkpoint(
                 path, self._dist, self.model, optimizers.optimizers, rng, write_main_files
