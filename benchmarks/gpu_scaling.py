@@ -215,6 +215,11 @@ def main() -> int:
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     ap.add_argument("--grad-ckpt", type=int, help="checkpoint every k-th layer (0: off)")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile")
+    ap.add_argument(
+        "--attention",
+        default="sdpa",
+        help="attention_implementation (auto measures at start-up, inside the case's time)",
+    )
     ap.add_argument("--memory-gb", type=float, help="cap each GPU to this many GiB")
     ap.add_argument("--offload", action="store_true", help="FSDP2 CPU offload")
     ap.add_argument("--budget-s", type=float, default=480, help="start no case after this")
@@ -294,6 +299,7 @@ def main() -> int:
                 use_gradient_checkpointing=grad_ckpt > 0,
                 gradient_checkpointing_every_n_layers=max(1, grad_ckpt),
                 use_torch_compile=compile_,
+                attention_implementation=args.attention,
                 use_tensorboard=False,
                 **({"fsdp_cpu_offload": True} if args.offload else {}),
             )

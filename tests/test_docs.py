@@ -434,7 +434,8 @@ def test_key_messages_are_explained():
         "wandb_project is set but wandb is not installed",
         "TensorBoard logging is off",
         "precision: fp32 (use_bf16: this CPU has no native bf16 matmul)",
-        "attention: sdpa (flash-attn is not installed",
+        "flash-attn is not installed: pip install",
+        "differs from eager attention",
     ):
         assert needed in quoted, needed
 

@@ -22,6 +22,7 @@ import yaml
 
 SCHEDULERS = ("cosine", "constant", "wsd")
 NAN_POLICIES = ("abort", "skip")
+ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
 AUTO = "auto"  # learning_rate and the batch fields may be "auto": see qwen_cpt.planner
 
 
@@ -145,7 +146,16 @@ class CPTConfig:
 
     # --- efficiency ------------------------------------------------------------------------------
     use_flash_attention: bool = _f(
-        True, "flash_attention_2 when CUDA and flash-attn are present; otherwise PyTorch SDPA."
+        True,
+        "With attention_implementation auto: flash_attention_2 when CUDA and flash-attn are "
+        "present. Off: never flash_attention_2 unless named.",
+    )
+    attention_implementation: str = _f(
+        "auto",
+        "Attention for packed documents. auto: flash_attention_2 (see use_flash_attention), "
+        "else on CUDA the faster of sdpa and flex_attention, each checked against eager "
+        "attention and timed on this GPU at start-up; sdpa on a CPU. Or name one: sdpa, "
+        "flex_attention, flash_attention_2, eager.",
     )
     use_gradient_checkpointing: bool = _f(
         True, "Recompute activations in backward: much less memory, about 30% more compute."
@@ -171,10 +181,12 @@ class CPTConfig:
         "each used only after it matches PyTorch on a small check at start-up. No effect "
         "elsewhere.",
     )
-    use_torch_compile: bool = _f(
-        False,
-        "torch.compile each decoder layer. Meant for CUDA (not measured on a GPU yet); on a "
-        "CPU it only adds compile time to the first step.",
+    use_torch_compile: bool | None = _f(
+        None,
+        "torch.compile each decoder layer. None (auto): on CUDA, compile when one decoder "
+        "layer's forward + backward measures at least 3% faster compiled at start-up; off on "
+        "a CPU, where compiling took longer than it saved (BENCHMARKS.md). true/false: "
+        "always/never, nothing measured.",
     )
     peak_tflops: float | None = _f(
         None,
@@ -319,6 +331,11 @@ class CPTConfig:
         need(
             not (self.sources and self.train_files),
             "sources and train_files conflict: list the files of each source under sources",
+        )
+        need(
+            self.attention_implementation in ATTENTION_CHOICES,
+            f"attention_implementation: must be one of {', '.join(ATTENTION_CHOICES)}, "
+            f"got {self.attention_implementation!r}",
         )
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

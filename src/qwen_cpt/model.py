@@ -38,7 +38,16 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def resolve_runtime(device: str, use_bf16: bool, use_flash_attention: bool) -> Runtime:
+def resolve_runtime(
+    device: str, use_bf16: bool, use_flash_attention: bool, attention: str = "auto"
+) -> Runtime:
+    """Device, autocast dtype and the attention the model is loaded with.
+
+    ``attention`` is the ``attention_implementation`` field. ``auto`` loads flash_attention_2
+    when CUDA, flash-attn and ``use_flash_attention`` allow it, else SDPA; on CUDA the trainer
+    may then measure FlexAttention against SDPA (qwen_cpt.autotune). A named kernel is checked
+    here, so a run that cannot use it stops before loading anything.
+    """
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -60,17 +69,21 @@ def resolve_runtime(device: str, use_bf16: bool, use_flash_attention: bool) -> R
 
     if dev.type == "cpu":
         tune_cpu_allocator()
-    attn = "sdpa"
-    if use_flash_attention:
-        if dev.type != "cuda":
-            log.info("attention: sdpa (flash_attention_2 needs CUDA; using PyTorch SDPA)")
-        elif importlib.util.find_spec("flash_attn") is None:
-            log.info("attention: sdpa (flash-attn is not installed: pip install qwen-cpt[gpu])")
-        else:
-            attn = "flash_attention_2"
-            log.info("attention: flash_attention_2")
-    else:
-        log.info("attention: sdpa")
+    attn = attention if attention != "auto" else "sdpa"
+    if attention == "flex_attention" and dev.type != "cuda":
+        raise ModelLoadError(
+            "attention_implementation: flex_attention has no backward on a CPU in torch "
+            f"{torch.__version__}; use sdpa or auto"
+        )
+    wants_flash = attention == "flash_attention_2" or (attention == "auto" and use_flash_attention)
+    has_flash = dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if wants_flash and has_flash:
+        attn = "flash_attention_2"
+    elif attention == "flash_attention_2":
+        raise ModelLoadError(
+            "attention_implementation: flash_attention_2 needs CUDA and flash-attn "
+            "(pip install qwen-cpt[gpu]); use auto or sdpa"
+        )
     return Runtime(device=dev, autocast_dtype=dtype, attn_implementation=attn)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .autotune import choose_kernels
 from .checkpoint import (
     CheckpointError,
     jsonable_rng,
@@ -226,7 +227,9 @@ class CPTTrainer:
         _check_writable(out)
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 logs (or warns)
             log.setLevel(logging.WARNING)
-        runtime = resolve_runtime(cfg.device, cfg.use_bf16, cfg.use_flash_attention)
+        runtime = resolve_runtime(
+            cfg.device, cfg.use_bf16, cfg.use_flash_attention, cfg.attention_implementation
+        )
         self._dist = init_distributed(
             runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes
         )
@@ -291,7 +294,12 @@ class CPTTrainer:
             fused_ce = None  # one loss on every rank
         if cfg.use_gradient_checkpointing:
             enable_activation_checkpointing(self.model, cfg.gradient_checkpointing_every_n_layers)
-        if cfg.use_torch_compile:
+        # attention and compile: as configured, or measured on this GPU (qwen_cpt.autotune)
+        attn, use_compile = choose_kernels(
+            self.model, cfg, runtime, lambda: self._first_position_ids(data), ctx
+        )
+        runtime = dataclasses.replace(runtime, attn_implementation=attn)
+        if use_compile:
             compile_decoder_layers(self.model)
         chunked = cfg.use_fused_loss and supports_chunked_loss(self.model)
         if cfg.use_fused_loss and not chunked:
@@ -680,6 +688,14 @@ class CPTTrainer:
             stream.next_block()
             stream.load_state_dict(initial)
         return max(1, math.ceil(n / data.shares[primary.name]))
+
+    def _first_position_ids(self, data: D.Mixture) -> torch.Tensor:
+        """``position_ids`` of the first micro-batch a rank trains on (the data position is
+        put back): the document boundaries the attention choice is measured with."""
+        state = data.state_dict()
+        blocks = [data.next_block() for _ in range(self.config.per_device_train_batch_size)]
+        data.load_state_dict(state)
+        return D.collate(blocks)["position_ids"]
 
     def _step_batches(
         self, data: D.Mixture, total: int, steps_per_epoch: int

@@ -1,0 +1,357 @@
+"""Start-up measurements that pick the attention kernel and ``torch.compile`` on the run's device.
+
+Which attention is fastest for packed documents, and whether compiling the decoder layers pays,
+depends on the GPU, the torch version, the model's shape, the batch, and how many documents a
+block holds (FlexAttention skips the blocks its mask rules out; SDPA with a dense block-causal
+mask does not). So on CUDA, ``attention_implementation: auto`` and ``use_torch_compile: null``
+are decided by measuring, on this device, before the first step:
+
+- a *probe*: one decoder layer with the model's own code and shapes (a copy of the first layer,
+  Liger patches and activation checkpointing included, random weights), the rotary embedding,
+  and the run's first micro-batch of ``position_ids`` (so the real document boundaries);
+- exactness first: each candidate attention gives the layer's output and input gradient of
+  eager attention (plain HF math) with the same block-causal mask, in fp32, on a block of five
+  documents, or it is not used;
+- then time: forward + backward of the probe, plus the mask build (once per forward, shared by
+  the layers), counted as ``mask + layers x layer``, median of a few repeats after warm-up;
+- compile is kept only when the compiled layer is at least ``COMPILE_MARGIN`` faster.
+
+Under torchrun every rank measures, the times are summed over ranks and a candidate must pass on
+all of them, so all ranks choose the same. On a CPU nothing is measured: FlexAttention has no
+backward there (torch 2.13), and compiling took longer than it saved in the CPU runs measured
+(BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .perf import decoder_layers
+
+log = logging.getLogger("qwen_cpt")
+
+AUTO_CANDIDATES = ("sdpa", "flex_attention")  # on CUDA without flash-attn
+COMPILE_MARGIN = 0.03  # compile only if >= 3% faster: it costs start-up time and recompiles
+COMPILE_KWARGS: dict = {}  # as compile_decoder_layers: inductor, default mode
+CHECK_DOCUMENTS = (97, 1, 150, 3, 261)  # exactness check: one block of these, 512 tokens
+CHECK_RTOL = 5e-3  # of the reference's largest value; a leaked or missing key moves it by O(1)
+
+
+@dataclass
+class Probe:
+    """One decoder layer of the model, ready to run alone on ``device``."""
+
+    layer: torch.nn.Module
+    rotary: torch.nn.Module
+    config: object  # the layer's own config copy: its _attn_implementation picks the kernel
+    position_ids: torch.Tensor  # [batch, seq] on device
+    hidden_size: int
+    num_layers: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # the training step's autocast (None: fp32)
+
+    def autocast(self):
+        dtype = self.autocast_dtype or torch.bfloat16
+        return torch.autocast(
+            self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None
+        )
+
+
+def make_probe(
+    model, position_ids: torch.Tensor, device: torch.device, autocast_dtype=None
+) -> Probe | None:
+    """A copy of ``model``'s first decoder layer on ``device`` with random fp32 weights, or None
+    if the model has no layers and rotary embedding this can run alone."""
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        return None
+    # one deepcopy, so the layer's submodules keep sharing a single config object
+    layer, config = copy.deepcopy((layers[0], model.config))
+    layer = layer.to_empty(device=device).float()  # rank > 0 holds meta tensors until sharding
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:  # norm weights 1, biases small
+                p.copy_(
+                    torch.ones(p.shape)
+                    if "norm" in name
+                    else torch.randn(p.shape, generator=gen) * 0.02
+                )
+    try:  # rebuilt from the config: on meta (ranks > 0) its inv_freq buffer holds no data
+        rotary = type(rotary)(config=config).to(device)
+    except TypeError:
+        rotary = copy.deepcopy(rotary).to(device)
+    layer.train(model.training)
+    return Probe(
+        layer=layer,
+        rotary=rotary,
+        config=config,
+        position_ids=position_ids.to(device),
+        hidden_size=config.hidden_size,
+        num_layers=len(layers),
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
+
+
+def _set_attention(probe: Probe, impl: str) -> None:
+    probe.config._attn_implementation = impl
+    for m in probe.layer.modules():  # in case a submodule holds a config of its own
+        cfg = getattr(m, "config", None)
+        if cfg is not None and cfg is not probe.config:
+            cfg._attn_implementation = impl
+
+
+def _mask(probe: Probe, hidden: torch.Tensor, position_ids: torch.Tensor):
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(
+        config=probe.config,
+        inputs_embeds=hidden,
+        attention_mask=None,
+        cache=None,
+        position_ids=position_ids,
+    )
+
+
+def _layer(probe: Probe, hidden: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
+    out = probe.layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        position_embeddings=probe.rotary(hidden, position_ids),
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _forward_backward(probe: Probe, position_ids: torch.Tensor, seed: int = 0):
+    """(output, input gradient) of the probe layer on random hidden states."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, s = position_ids.shape
+    hidden = torch.randn(b, s, probe.hidden_size, generator=gen).to(probe.device)
+    hidden.requires_grad_(True)
+    grad_out = torch.randn(b, s, probe.hidden_size, generator=gen).to(probe.device)
+    out = _layer(probe, hidden, _mask(probe, hidden, position_ids), position_ids)
+    out.backward(grad_out.to(out.dtype))
+    probe.layer.zero_grad(set_to_none=True)
+    return out.detach().float(), hidden.grad.float()
+
+
+def check_attention(probe: Probe, impl: str) -> str | None:
+    """None if ``impl`` gives eager attention's output and input gradient, in fp32, on a
+    block of ``CHECK_DOCUMENTS`` (boundaries are sure to be there, a one-token document
+    included, whatever the run's data), else what went wrong."""
+    pos = torch.cat([torch.arange(n) for n in CHECK_DOCUMENTS])[None].to(probe.device)
+    try:
+        with _fp32_matmuls():
+            _set_attention(probe, "eager")
+            ref = _forward_backward(probe, pos)
+            _set_attention(probe, impl)
+            got = _forward_backward(probe, pos)
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is not a choice
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    for what, a, b in (("output", got[0], ref[0]), ("input gradient", got[1], ref[1])):
+        err = (a - b).abs().max().item()
+        scale = b.abs().max().item()
+        if not err <= CHECK_RTOL * scale + 1e-6:  # also catches NaN
+            return f"{what} differs from eager attention by {err:.3g} (scale {scale:.3g})"
+    return None
+
+
+class _fp32_matmuls:
+    """No TF32 inside: the exactness check compares fp32 results."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], object], device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_micro_batch(probe: Probe, warmup: int = 2, repeats: int = 5) -> float:
+    """Seconds of attention-kernel-dependent work per micro-batch: one mask build plus
+    ``num_layers`` forward + backward passes of the probe layer, in the training precision."""
+    b, s = probe.position_ids.shape
+    hidden = torch.randn(b, s, probe.hidden_size, device=probe.device, requires_grad=True)
+    grad = torch.randn(b, s, probe.hidden_size, device=probe.device)
+    with probe.autocast():
+        mask = _mask(probe, hidden, probe.position_ids)  # also the first (compiling) build
+
+        def mask_once():
+            return _mask(probe, hidden, probe.position_ids)
+
+        def layer_once():
+            out = _layer(probe, hidden, mask, probe.position_ids)
+            out.backward(grad.to(out.dtype))
+            hidden.grad = None
+            probe.layer.zero_grad(set_to_none=True)
+
+        t_mask = _median_seconds(mask_once, probe.device, 1, repeats)
+        t_layer = _median_seconds(layer_once, probe.device, warmup, repeats)
+    return t_mask + probe.num_layers * t_layer
+
+
+def _agree(ctx, values: list[float]) -> list[float]:
+    """Sum of ``values`` over ranks (every rank then decides alike)."""
+    return values if ctx is None else ctx.sum(values)
+
+
+def choose_attention(probe: Probe, candidates, ctx=None, timer=None):
+    """(fastest exact candidate, {candidate: seconds per micro-batch or None if rejected})."""
+    timer = timer or time_micro_batch
+    times: dict[str, float | None] = {}
+    for impl in candidates:
+        problem = check_attention(probe, impl)
+        ok = problem is None if ctx is None else ctx.all_ok(problem is None)
+        if problem is not None:
+            log.warning("attention: %s not used: %s", impl, problem)
+        elif not ok:
+            log.warning("attention: %s not used: it failed its check on another rank", impl)
+        seconds = float("inf")
+        if ok:
+            _set_attention(probe, impl)
+            try:
+                seconds = timer(probe)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one kernel
+                log.warning("attention: %s not used: timing it failed: %s", impl, exc)
+        seconds = _agree(ctx, [seconds])[0]
+        times[impl] = seconds if seconds != float("inf") else None
+    usable = {k: v for k, v in times.items() if v is not None}
+    if not usable:
+        return None, times
+    best = min(usable, key=lambda k: (usable[k], candidates.index(k)))
+    _set_attention(probe, best)
+    return best, times
+
+
+def choose_compile(probe: Probe, ctx=None, timer=None, **compile_kwargs):
+    """(compile?, eager seconds, compiled seconds or None) for the probe's attention."""
+    timer = timer or time_micro_batch
+    eager = _agree(ctx, [timer(probe)])[0]
+    compiled = float("inf")
+    try:
+        probe.layer.compile(**compile_kwargs)
+        compiled = timer(probe, warmup=3)
+    except Exception as exc:  # noqa: BLE001 - a compile failure means eager
+        log.warning("torch.compile: not used: compiling a decoder layer failed: %s", exc)
+    finally:
+        probe.layer._compiled_call_impl = None  # back to eager
+    compiled = _agree(ctx, [compiled])[0]
+    use = compiled <= (1.0 - COMPILE_MARGIN) * eager
+    return use, eager, (compiled if compiled != float("inf") else None)
+
+
+def set_attention(model, impl: str) -> None:
+    """Switch ``model`` to attention ``impl`` (the mask follows the config)."""
+    if model.config._attn_implementation == impl:
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def measures_on(device: torch.device) -> bool:
+    """Whether auto settings are measured on ``device`` (CUDA) or fixed (CPU)."""
+    return device.type == "cuda"
+
+
+def choose_kernels(
+    model, cfg, runtime, first_position_ids: Callable[[], torch.Tensor], ctx=None
+) -> tuple[str, bool]:
+    """Settle ``attention_implementation`` and ``use_torch_compile`` for this run; returns
+    (attention, compile?) with ``model`` switched to that attention and every choice logged.
+    ``first_position_ids()`` gives the run's first micro-batch positions, read only when
+    something is measured."""
+    attn, dev = runtime.attn_implementation, runtime.device
+    measured = measures_on(dev)
+    auto_attn = cfg.attention_implementation == "auto" and attn != "flash_attention_2"
+    auto_compile = cfg.use_torch_compile is None
+    why = "as configured"
+    if attn == "flash_attention_2" and cfg.attention_implementation == "auto":
+        why = "CUDA with flash-attn: varlen kernels, no mask"
+    elif auto_attn and not measured:
+        why = "on a CPU; FlexAttention has no backward here"
+    probe = None
+    if measured and (auto_attn or auto_compile):
+        probe = make_probe(model, first_position_ids(), dev, runtime.autocast_dtype)
+        if probe is None:
+            log.info(
+                "autotune: nothing measured (%s has no decoder layer that runs alone)",
+                type(model).__name__,
+            )
+        else:
+            fields = [("attention_implementation", auto_attn), ("use_torch_compile", auto_compile)]
+            log.info(
+                "autotune: measuring on one decoder layer on this GPU (set %s to skip)",
+                " and ".join(name for name, auto in fields if auto),
+            )
+    if probe is not None and auto_attn:
+        best, times = choose_attention(probe, AUTO_CANDIDATES, ctx)
+        if best is not None:
+            attn, why = best, "measured here: " + _seconds(times)
+        if cfg.use_flash_attention and importlib.util.find_spec("flash_attn") is None:
+            why += "; flash-attn is not installed: pip install qwen-cpt[gpu]"
+    set_attention(model, attn)
+    log.info("attention: %s (%s)", attn, why)
+
+    use_compile = bool(cfg.use_torch_compile)
+    if auto_compile and probe is None:
+        reason = (
+            "nothing to measure" if measured else "on a CPU: compiling took longer than it saved"
+        )
+        log.info("torch.compile: off (%s)", reason)
+    elif auto_compile:
+        _set_attention(probe, attn)
+        use_compile, eager, compiled = choose_compile(probe, ctx, **COMPILE_KWARGS)
+        log.info(
+            "torch.compile: %s (measured here: the layers of a micro-batch take %s eager, "
+            "%s compiled)",
+            "on" if use_compile else "off",
+            _ms(eager),
+            _ms(compiled),
+        )
+    return attn, use_compile
+
+
+def _ms(seconds: float | None) -> str:
+    return "failed" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _seconds(times: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {_ms(v)}" for k, v in times.items())
