@@ -103,5 +103,47 @@ def nan_agree() -> None:
     ctx.close()
 
 
+def kernel_choice() -> None:
+    """The trainer's start-up measurement under torchrun (made to run on CPU): rank 1 builds its
+    probe from a model on meta, and the ranks' differing times are summed, so both choose alike."""
+    import os
+
+    from qwen_cpt import CPTConfig, CPTTrainer, autotune
+
+    rank = int(os.environ["RANK"])
+    # alone, rank 0 would pick eager and compile, rank 1 sdpa and no compile
+    times = [
+        {"eager": 1.0, "sdpa": 2.0, "compiled": 0.5},
+        {"eager": 2.0, "sdpa": 1.5, "compiled": 10.0},
+    ][rank]
+    seen = []
+
+    def timer(probe, **_):
+        seen.append(probe.layer.self_attn.q_proj.weight.abs().sum().item())
+        if probe.layer._compiled_call_impl is not None:
+            return times["compiled"]
+        return times[probe.config._attn_implementation]
+
+    autotune.measures_on = lambda device: True
+    autotune.AUTO_CANDIDATES = ("sdpa", "eager")
+    autotune.COMPILE_KWARGS = {"backend": "eager"}
+    autotune.time_micro_batch = timer
+    trainer = CPTTrainer(CPTConfig.from_yaml(sys.argv[2]))
+    loss = trainer.train()
+    attn = trainer.model.config._attn_implementation
+    assert attn == "eager", f"rank {rank} chose {attn}"
+    assert seen and all(v > 0 for v in seen), f"rank {rank}: the probe's weights are {seen}"
+    compiled = [layer._compiled_call_impl is not None for layer in trainer.model.model.layers]
+    assert not any(compiled), f"rank {rank} compiled {compiled}"
+    if rank == 0:
+        print("RESULT " + json.dumps({"attention": attn, "loss": loss}))
+
+
 if __name__ == "__main__":
-    {"muon_parity": muon_parity, "timeout": timeout, "nan_agree": nan_agree}[sys.argv[1]]()
+    cases = {
+        "muon_parity": muon_parity,
+        "timeout": timeout,
+        "nan_agree": nan_agree,
+        "kernel_choice": kernel_choice,
+    }
+    cases[sys.argv[1]]()

@@ -80,6 +80,16 @@ def test_a_hung_collective_times_out_with_an_error(tmp_path):
     assert "timed out" in out["error"].lower()
 
 
+def test_ranks_agree_on_the_measured_attention_and_compile(tiny_qwen, tmp_path):
+    """The start-up measurement under torchrun: every rank builds its probe (rank 1 from a
+    model on meta), times differ per rank, and the summed times decide alike on both."""
+    cfg = _cfg(tiny_qwen, tmp_path / "run", _write_data(tmp_path), max_steps=2, **DIST)
+    path = tmp_path / "run.yaml"
+    cfg.to_yaml(path)
+    out = _result(_torchrun([WORKER, "kernel_choice", str(path)]))
+    assert out["attention"] == "eager" and math.isfinite(out["loss"])
+
+
 def test_a_nan_on_one_rank_reaches_every_rank():
     out = _result(_torchrun([WORKER, "nan_agree"]))
     assert out["loss_on_rank0"] == "nan"
