@@ -7,6 +7,7 @@ compiles C++ kernels, about 25-30 s on a 2-core CPU with a cold compile cache.
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -217,8 +218,8 @@ def test_compiled_layers_train_like_eager_and_keep_parameter_names(tiny_qwen, to
     assert losses[True][-1] < losses[True][0]
 
 
-def _train(model_dir, out, **overrides):
-    cfg = CPTConfig(
+def _train(model_dir, out, eval_texts=None, **overrides):
+    fields = dict(
         model_name_or_path=model_dir,
         output_dir=str(out),
         max_length=64,
@@ -231,10 +232,10 @@ def _train(model_dir, out, **overrides):
         learning_rate=1e-3,
         warmup_ratio=0.0,
         device="cpu",
-        **overrides,
     )
+    cfg = CPTConfig(**{**fields, **overrides})
     trainer = CPTTrainer(cfg)
-    trainer.train(SAMPLE_TEXTS)
+    trainer.train(SAMPLE_TEXTS, eval_texts)
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return trainer, [r for r in records if "loss" in r and "tokens_per_sec" in r]
 
@@ -384,3 +385,29 @@ def test_fused_loss_reuses_one_cpu_logits_buffer():
     buf = L._WORKSPACES[head]
     L.chunked_lm_loss_sum(hidden, head, labels, 6).backward()
     assert L._WORKSPACES[head] is buf and tuple(buf.shape) == (6, 100)
+
+
+def test_evaluation_and_saving_do_not_count_as_training_time(tiny_qwen, tmp_path, monkeypatch):
+    """tokens_per_sec (and so MFU) is the training speed: a slow evaluation or checkpoint
+    between two log lines must not lower it (it did: the demo showed 922 instead of ~1,400
+    tok/s for the window holding an evaluation)."""
+    steps = dict(max_steps=6, logging_steps=2, eval_steps=2, save_steps=2)
+    _, quick = _train(tiny_qwen, tmp_path / "quick", SAMPLE_TEXTS[:4], **steps)
+    real_eval, real_save = CPTTrainer._eval_loss, CPTTrainer._save_checkpoint
+
+    def slow_eval(self, *a, **kw):
+        time.sleep(1.0)
+        return real_eval(self, *a, **kw)
+
+    def slow_save(self, *a, **kw):
+        time.sleep(1.0)
+        return real_save(self, *a, **kw)
+
+    monkeypatch.setattr(CPTTrainer, "_eval_loss", slow_eval)
+    monkeypatch.setattr(CPTTrainer, "_save_checkpoint", slow_save)
+    _, slow = _train(tiny_qwen, tmp_path / "slow", SAMPLE_TEXTS[:4], **steps)
+    assert [r["step"] for r in slow] == [2, 4, 6]
+    # two 1 s pauses fall in the windows of steps 4 and 6, whose training takes well under 1 s
+    # (an unpaused window would show a small fraction of the quick run's speed)
+    for q, s in zip(quick[1:], slow[1:]):
+        assert s["tokens_per_sec"] > 0.4 * q["tokens_per_sec"], (q, s)

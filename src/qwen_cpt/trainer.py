@@ -488,12 +488,15 @@ class CPTTrainer:
                 trackers.log(metrics, st.step)
                 _log_line(bar, st.step, total, metrics)
                 window = _Window()
+            # evaluation and saving are not training: tokens_per_sec (and MFU) leave them out
             if st.step % cfg.eval_steps == 0 and st.step != total:
-                evaluate()
+                with window.paused():
+                    evaluate()
             if (cfg.save_steps and st.step % cfg.save_steps == 0) or (
                 epoch_end and st.step != total
             ):
-                self._save_checkpoint(out, optimizers)
+                with window.paused():
+                    self._save_checkpoint(out, optimizers)
             if stop:
                 bar.close()
                 path = self._save_checkpoint(out, optimizers)
@@ -1025,7 +1028,7 @@ def cfg_lr(cfg: CPTConfig) -> float:
 
 
 class _Window:
-    """Loss and throughput over the steps since the last log line."""
+    """Loss and throughput over the training steps since the last log line."""
 
     def __init__(self):
         self.loss_sum, self.loss_tokens, self.tokens = 0.0, 0, 0
@@ -1043,6 +1046,15 @@ class _Window:
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count towards tokens_per_sec."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
 
 
 def _write_report(out: Path) -> None:
