@@ -29,7 +29,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from gpu_bench import SHAPES  # noqa: E402
 
 from qwen_cpt import autotune  # noqa: E402
-from qwen_cpt.model import cpu_has_native_bf16  # noqa: E402
+from qwen_cpt.model import cpu_has_native_bf16, enable_activation_checkpointing  # noqa: E402
 
 
 def meta_model(name: str):
@@ -94,7 +94,7 @@ def main() -> int:
     for name in a.models:
         model = meta_model(name)
         if a.checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(model)  # as the trainer does
         probe = autotune.make_probe(model, pos, device, dtype)
         t0 = time.perf_counter()
         best, times = autotune.choose_attention(probe, candidates)
