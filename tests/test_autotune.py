@@ -206,3 +206,27 @@ def test_unknown_or_unavailable_attention_is_a_clear_error(tiny_qwen, tmp_path):
         with pytest.raises(ModelLoadError, match=words):
             CPTTrainer(cfg).train(SAMPLE_TEXTS)
         assert not (tmp_path / impl).exists()  # stopped before anything was written
+
+
+def test_when_every_candidate_fails_the_loaded_kernel_stays(tiny_qwen, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from qwen_cpt.model import Runtime
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_qwen, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    monkeypatch.setattr(autotune, "measures_on", lambda device: True)
+    monkeypatch.setattr(autotune, "AUTO_CANDIDATES", ("leaky_test",))
+    cfg = SimpleNamespace(
+        attention_implementation="auto", use_torch_compile=False, use_flash_attention=False
+    )
+    runtime = Runtime(device=CPU, autocast_dtype=None, attn_implementation="sdpa")
+    with caplog.at_level(logging.INFO, logger="qwen_cpt"):
+        attn, compiled = autotune.choose_kernels(
+            model, cfg, runtime, lambda: _packed_positions(30, 34)
+        )
+    assert (attn, compiled) == ("sdpa", False)
+    assert model.config._attn_implementation == "sdpa"
+    assert "attention: leaky_test not used: output differs from eager attention" in caplog.text
+    assert "attention: sdpa (no candidate passed its check and timing here" in caplog.text

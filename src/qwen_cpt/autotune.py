@@ -325,6 +325,8 @@ def choose_kernels(
         best, times = choose_attention(probe, AUTO_CANDIDATES, ctx)
         if best is not None:
             attn, why = best, "measured here: " + _seconds(times)
+        else:
+            why = "no candidate passed its check and timing here; the default"
         if cfg.use_flash_attention and importlib.util.find_spec("flash_attn") is None:
             why += "; flash-attn is not installed: pip install qwen-cpt[gpu]"
     set_attention(model, attn)
@@ -346,6 +348,10 @@ def choose_kernels(
             _ms(eager),
             _ms(compiled),
         )
+    if probe is not None and dev.type == "cuda":  # give its memory back before training, and
+        del probe  # start the peak memory statistic (memory_gb) from the training alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     return attn, use_compile
 
 
