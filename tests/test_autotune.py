@@ -230,3 +230,24 @@ def test_when_every_candidate_fails_the_loaded_kernel_stays(tiny_qwen, monkeypat
     assert model.config._attn_implementation == "sdpa"
     assert "attention: leaky_test not used: output differs from eager attention" in caplog.text
     assert "attention: sdpa (no candidate passed its check and timing here" in caplog.text
+
+
+def test_a_compiled_layer_that_computes_otherwise_is_not_used(probe, caplog):
+    def wrong_backend(gm, example_inputs):  # runs the graph, then scales its results by 1.1
+        def run(*args):
+            out = gm(*args)
+            scale = [o * 1.1 if torch.is_tensor(o) and o.is_floating_point() else o for o in out]
+            return type(out)(scale) if isinstance(out, (list, tuple)) else scale
+
+        return run
+
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="qwen_cpt"):
+        use, _, compiled = autotune.choose_compile(
+            probe,
+            timer=lambda p, **_: 0.1 if p.layer._compiled_call_impl else 1.0,
+            backend=wrong_backend,
+        )
+    assert (use, compiled) == (False, None)
+    assert "the compiled layer's output differs from eager" in caplog.text
+    assert probe.layer._compiled_call_impl is None

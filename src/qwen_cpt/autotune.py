@@ -14,7 +14,8 @@ are decided by measuring, on this device, before the first step:
   documents, or it is not used;
 - then time: forward + backward of the probe, plus the mask build (once per forward, shared by
   the layers), counted as ``mask + layers x layer``, median of a few repeats after warm-up;
-- compile is kept only when the compiled layer is at least ``COMPILE_MARGIN`` faster.
+- compile is kept only when the compiled layer gives the eager layer's results (training
+  precision) and is at least ``COMPILE_MARGIN`` faster.
 
 Under torchrun every rank measures, the times are summed over ranks and a candidate must pass on
 all of them, so all ranks choose the same. On a CPU nothing is measured: FlexAttention has no
@@ -165,11 +166,17 @@ def check_attention(probe: Probe, impl: str) -> str | None:
             got = _forward_backward(probe, pos)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is not a choice
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return _differs(got, ref, CHECK_RTOL, "eager attention")
+
+
+def _differs(got, ref, rtol: float, reference: str) -> str | None:
+    """Which of (output, input gradient) differs from ``ref`` by more than ``rtol`` of its
+    largest value (NaN included), or None."""
     for what, a, b in (("output", got[0], ref[0]), ("input gradient", got[1], ref[1])):
         err = (a - b).abs().max().item()
         scale = b.abs().max().item()
-        if not err <= CHECK_RTOL * scale + 1e-6:  # also catches NaN
-            return f"{what} differs from eager attention by {err:.3g} (scale {scale:.3g})"
+        if not err <= rtol * scale + 1e-6:
+            return f"{what} differs from {reference} by {err:.3g} (scale {scale:.3g})"
     return None
 
 
@@ -259,13 +266,25 @@ def choose_attention(probe: Probe, candidates, ctx=None, timer=None):
 
 
 def choose_compile(probe: Probe, ctx=None, timer=None, **compile_kwargs):
-    """(compile?, eager seconds, compiled seconds or None) for the probe's attention."""
+    """(compile?, eager seconds, compiled seconds or None) for the probe's attention.
+
+    The compiled layer must also give the eager layer's output and input gradient, in the
+    training precision on the probe's blocks (``compile_mismatch``), or it is not used."""
     timer = timer or time_micro_batch
     eager = _agree(ctx, [timer(probe)])[0]
     compiled = float("inf")
+    with probe.autocast():
+        reference = _forward_backward(probe, probe.position_ids)
     try:
         probe.layer.compile(**compile_kwargs)
-        compiled = timer(probe, warmup=3)
+        with probe.autocast():
+            problem = compile_mismatch(
+                _forward_backward(probe, probe.position_ids), reference, probe
+            )
+        if problem:
+            log.warning("torch.compile: not used: the compiled layer's %s", problem)
+        else:
+            compiled = timer(probe, warmup=3)
     except Exception as exc:  # noqa: BLE001 - a compile failure means eager
         log.warning("torch.compile: not used: compiling a decoder layer failed: %s", exc)
     finally:
@@ -273,6 +292,14 @@ def choose_compile(probe: Probe, ctx=None, timer=None, **compile_kwargs):
     compiled = _agree(ctx, [compiled])[0]
     use = compiled <= (1.0 - COMPILE_MARGIN) * eager
     return use, eager, (compiled if compiled != float("inf") else None)
+
+
+def compile_mismatch(got, reference, probe: Probe) -> str | None:
+    """What differs between the compiled and the eager layer, or None. bf16 rounds each result
+    to about 3 significant digits and compiled code fuses and reorders, so the tolerance there
+    is wider than fp32's."""
+    rtol = 3e-2 if probe.autocast_dtype is not None else CHECK_RTOL
+    return _differs(got, reference, rtol, "eager")
 
 
 def set_attention(model, impl: str) -> None:
