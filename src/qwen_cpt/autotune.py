@@ -166,17 +166,22 @@ def check_attention(probe: Probe, impl: str) -> str | None:
             got = _forward_backward(probe, pos)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is not a choice
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    return _differs(got, ref, CHECK_RTOL, "eager attention")
+    bad = _largest_difference(got, ref, CHECK_RTOL)
+    if bad is None:
+        return None
+    what, err, scale = bad
+    return f"{what} differs from eager attention by {err:.3g} (scale {scale:.3g})"
 
 
-def _differs(got, ref, rtol: float, reference: str) -> str | None:
-    """Which of (output, input gradient) differs from ``ref`` by more than ``rtol`` of its
-    largest value (NaN included), or None."""
+def _largest_difference(got, ref, rtol: float):
+    """(which of output / input gradient, its largest difference, the reference's largest
+    value) for the first that differs from ``ref`` by more than ``rtol`` of that value (NaN
+    included), or None."""
     for what, a, b in (("output", got[0], ref[0]), ("input gradient", got[1], ref[1])):
         err = (a - b).abs().max().item()
         scale = b.abs().max().item()
         if not err <= rtol * scale + 1e-6:
-            return f"{what} differs from {reference} by {err:.3g} (scale {scale:.3g})"
+            return what, err, scale
     return None
 
 
@@ -299,7 +304,11 @@ def compile_mismatch(got, reference, probe: Probe) -> str | None:
     to about 3 significant digits and compiled code fuses and reorders, so the tolerance there
     is wider than fp32's."""
     rtol = 3e-2 if probe.autocast_dtype is not None else CHECK_RTOL
-    return _differs(got, reference, rtol, "eager")
+    bad = _largest_difference(got, reference, rtol)
+    if bad is None:
+        return None
+    what, err, scale = bad
+    return f"{what} differs from eager by {err:.3g} (scale {scale:.3g})"
 
 
 def set_attention(model, impl: str) -> None:
