@@ -621,3 +621,35 @@ def test_resolve_auto_with_a_loaded_model_and_fixed_micro_batch():
     assert out["gradient_accumulation_steps"][0] == 3
     assert isinstance(out["learning_rate"][0], float)
     assert set(out) == {"learning_rate", "gradient_accumulation_steps"}
+
+
+def _plan_json(tmp_path, capsys, extra: str) -> dict:
+    text = (
+        "model_name_or_path: Qwen/Qwen2.5-7B\nper_device_train_batch_size: 1\n"
+        "gradient_accumulation_steps: 8\nmax_length: 4096\n" + extra
+    )
+    path = _yaml(tmp_path, text)
+    assert main(["plan", path, "--tokens", "1e9", "--gpu", "H100", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_memory_follows_the_attention_that_will_run(tmp_path, capsys):
+    """Only SDPA/eager take the dense block-causal mask (and full-width k/v) for packed
+    documents; flash_attention_2 and flex_attention do without. auto without flash-attn may
+    end on SDPA at start-up, so it is planned as SDPA."""
+    plans = {
+        name: _plan_json(tmp_path, capsys, extra)
+        for name, extra in {
+            "auto+flash": "",
+            "auto, no flash": "use_flash_attention: false\n",
+            "sdpa": "attention_implementation: sdpa\n",
+            "flex": "attention_implementation: flex_attention\n",
+            "flash": "attention_implementation: flash_attention_2\nuse_flash_attention: false\n",
+        }.items()
+    }
+    acts = {k: p["memory"]["components_gib"]["activations"] for k, p in plans.items()}
+    assert acts["auto, no flash"] == acts["sdpa"] > acts["flex"] == acts["flash"]
+    assert acts["auto+flash"] == acts["flash"]
+    assert plans["flex"]["notes"][0] == "memory assumes flex_attention, with no dense mask"
+    assert plans["sdpa"]["notes"][0] == "memory assumes SDPA with the packed block-causal mask"
+    assert plans["auto+flash"]["notes"][0].startswith("memory assumes flash_attention_2")

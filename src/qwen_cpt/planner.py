@@ -760,8 +760,8 @@ def _global_batch_tokens(cfg, micro: int, accum: int, world: int) -> int:
 def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> MemoryEstimate:
     """The estimate for ``cfg``; ``accum`` defaults to 2 (gradients held: the safe side).
 
-    Assumes flash_attention_2 on CUDA when ``use_flash_attention`` (``qwen-cpt[gpu]``); without
-    it, packed documents make SDPA take a block-causal mask. ``fsdp_sync_every_micro_batch:
+    Assumes flash_attention_2 on CUDA when ``use_flash_attention`` (``qwen-cpt[gpu]``) and the
+    attention is auto; see ``_dense_mask_attention`` for the others. ``fsdp_sync_every_micro_batch:
     None`` is estimated as the trainer decides it: the last micro-batch only if that fits.
     """
     sync = getattr(cfg, "fsdp_sync_every_micro_batch", False)
@@ -773,7 +773,6 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         if device != "cuda" or capacity is None or last_only.peak <= USABLE_FRACTION * capacity:
             return last_only
         sync = True
-    flash = device == "cuda" and cfg.use_flash_attention
     return estimate_memory(
         shape,
         micro_batch=micro,
@@ -786,13 +785,24 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         chunked_loss=cfg.use_fused_loss and _chunkable(shape.model_type),
         loss_chunk_size=cfg.loss_chunk_size,
         device=device,
-        packed_mask=cfg.document_aware_packing and not flash,
+        packed_mask=cfg.document_aware_packing and _dense_mask_attention(cfg, device),
         checkpoint_every=getattr(cfg, "gradient_checkpointing_every_n_layers", 1),
         capacity_bytes=capacity,
         param_counts=p,
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
         sync_every_micro_batch=sync,
     )
+
+
+def _dense_mask_attention(cfg, device: str) -> bool:
+    """Whether the run's attention takes transformers' dense block-causal mask for packed
+    documents (SDPA, eager) rather than none (flash_attention_2's varlen path) or a sparse
+    BlockMask with native grouped-query attention (flex_attention). ``auto`` without
+    flash-attn may pick either SDPA or FlexAttention at start-up, so it counts as SDPA."""
+    impl = getattr(cfg, "attention_implementation", "auto")
+    if impl == "auto":
+        return not (device == "cuda" and cfg.use_flash_attention)
+    return impl not in ("flash_attention_2", "flex_attention")
 
 
 def _chunkable(model_type: str) -> bool:
@@ -966,12 +976,17 @@ def make_plan(
     total, warmup = _steps(cfg, n_tokens, micro, accum, gpus)
     mem = _memory_for(cfg, shape, p, micro, gpus, "cuda", capacity, accum)
     seconds = estimate_seconds(trained, fpt, gpus, gpu.peak_tflops, mfu)
-    notes = [
-        "memory assumes flash_attention_2 (pip install qwen-cpt[gpu]); with SDPA, packed "
-        "documents add a block-causal mask and full-width k/v per layer"
-        if cfg.use_flash_attention
-        else "memory assumes SDPA with the packed block-causal mask"
-    ]
+    impl = getattr(cfg, "attention_implementation", "auto")
+    if _dense_mask_attention(cfg, "cuda"):
+        attention_note = "memory assumes SDPA with the packed block-causal mask"
+    elif impl == "auto":
+        attention_note = (
+            "memory assumes flash_attention_2 (pip install qwen-cpt[gpu]); with SDPA, packed "
+            "documents add a block-causal mask and full-width k/v per layer"
+        )
+    else:
+        attention_note = f"memory assumes {impl}, with no dense mask"
+    notes = [attention_note]
     if gpus > 1:
         notes.append(
             f"--gpus {gpus}: memory assumes FSDP/ZeRO-3 sharding of weights, gradients and "
