@@ -26,31 +26,10 @@ import time
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from gpu_bench import SHAPES  # noqa: E402
+from gpu_bench import SHAPES, build_model  # noqa: E402
 
 from qwen_cpt import autotune  # noqa: E402
 from qwen_cpt.model import cpu_has_native_bf16, enable_activation_checkpointing  # noqa: E402
-
-
-def meta_model(name: str):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    h, inter, layers, heads, kv, vocab, tied = SHAPES[name]
-    config = Qwen2Config(
-        hidden_size=h,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        rope_theta=1e6,
-        max_position_embeddings=32768,
-    )
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model.train()
 
 
 def packed_positions(batch: int, seq: int, doc_tokens: float) -> tuple[torch.Tensor, int]:
@@ -92,7 +71,7 @@ def main() -> int:
     print("| model | attention | exact vs eager | ms / micro-batch | compiled ms | choice |")
     print("|---|---|---|---:|---:|---|")
     for name in a.models:
-        model = meta_model(name)
+        model = build_model(name, "meta").train()  # no memory: the probe builds one layer
         if a.checkpointing:
             enable_activation_checkpointing(model)  # as the trainer does
         probe = autotune.make_probe(model, pos, device, dtype)

@@ -5,9 +5,7 @@ stand-in timers where a test needs a given ranking, and a deliberately wrong ker
 refused by the exactness check.
 """
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from qwen_cpt import CPTConfig, CPTTrainer, autotune
 
 from .conftest import SAMPLE_TEXTS
+from .test_perf import _train as perf_train
 
 CPU = torch.device("cpu")
 
@@ -137,24 +136,9 @@ def test_real_timings_are_positive_and_compiled_layer_matches_eager(probe):
 
 
 def _train(tiny_qwen, out, **overrides):
-    cfg = CPTConfig(
-        model_name_or_path=tiny_qwen,
-        output_dir=str(out),
-        max_length=64,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-3,
-        eval_steps=100,
-        save_steps=0,
-        logging_steps=1,
-        use_tensorboard=False,
-        use_bf16=False,
-        **overrides,
-    )
-    trainer = CPTTrainer(cfg)
-    trainer.train(SAMPLE_TEXTS)
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return trainer, [r["loss"] for r in map(json.loads, lines) if "tokens_per_sec" in r]
+    """test_perf's short CPU run, 3 steps; (trainer, the logged training losses)."""
+    trainer, records = perf_train(tiny_qwen, out, max_steps=3, use_bf16=False, **overrides)
+    return trainer, [r["loss"] for r in records]
 
 
 def test_trainer_on_cpu_measures_nothing_and_uses_sdpa(tiny_qwen, tmp_path, caplog):

@@ -25,6 +25,7 @@ backward there (torch 2.13), and compiling took longer than it saved in the CPU 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -185,15 +186,15 @@ def _largest_difference(got, ref, rtol: float):
     return None
 
 
-class _fp32_matmuls:
+@contextlib.contextmanager
+def _fp32_matmuls():
     """No TF32 inside: the exactness check compares fp32 results."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:
@@ -311,17 +312,6 @@ def compile_mismatch(got, reference, probe: Probe) -> str | None:
     return f"{what} differs from eager by {err:.3g} (scale {scale:.3g})"
 
 
-def set_attention(model, impl: str) -> None:
-    """Switch ``model`` to attention ``impl`` (the mask follows the config)."""
-    if model.config._attn_implementation == impl:
-        return
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        setter(impl)
-    else:
-        model.config._attn_implementation = impl
-
-
 def measures_on(device: torch.device) -> bool:
     """Whether auto settings are measured on ``device`` (CUDA) or fixed (CPU)."""
     return device.type == "cuda"
@@ -365,7 +355,7 @@ def choose_kernels(
             why = "no candidate passed its check and timing here; the default"
         if cfg.use_flash_attention and importlib.util.find_spec("flash_attn") is None:
             why += "; flash-attn is not installed: pip install qwen-cpt[gpu]"
-    set_attention(model, attn)
+    model.set_attn_implementation(attn)  # transformers >= 4.56; the mask follows the config
     log.info("attention: %s (%s)", attn, why)
 
     use_compile = bool(cfg.use_torch_compile)

@@ -295,10 +295,9 @@ class CPTTrainer:
         if cfg.use_gradient_checkpointing:
             enable_activation_checkpointing(self.model, cfg.gradient_checkpointing_every_n_layers)
         # attention and compile: as configured, or measured on this GPU (qwen_cpt.autotune)
-        attn, use_compile = choose_kernels(
+        _, use_compile = choose_kernels(
             self.model, cfg, runtime, lambda: self._first_position_ids(data), ctx
         )
-        runtime = dataclasses.replace(runtime, attn_implementation=attn)
         if use_compile:
             compile_decoder_layers(self.model)
         chunked = cfg.use_fused_loss and supports_chunked_loss(self.model)
