@@ -1,7 +1,7 @@
 """Data pipeline benchmark: our `prepare` and streaming loader vs HF `datasets` + run_clm.
 
 Same input files (generated .jsonl from the Python standard library's text), same worker count N:
-- ours/prepare: `qwen_cpt.cache.prepare` (N tokenizer processes) -> memory-mapped cache;
+- ours/prepare: `qwen_cpt.data.cache.prepare` (N tokenizer processes) -> memory-mapped cache;
 - ours/stream:  `BlockStream` over the raw files (N tokenizer processes), one epoch of blocks;
 - baseline:     `datasets.load_dataset("json")` + `map(tokenize, batched=True, num_proc=N)` +
                 run_clm's `group_texts` via `map(batched=True, num_proc=N)`.
@@ -35,7 +35,7 @@ RUNNER = textwrap.dedent(
     tok = AutoTokenizer.from_pretrained(tok_dir)
     t0 = time.perf_counter()
     if mode == "prepare":
-        from qwen_cpt.cache import prepare
+        from qwen_cpt.data.cache import prepare
         m = prepare(files, os.path.join(work, "cache"), tok, tok_dir, workers=workers, progress=False)
         tokens = m["total_tokens"]
     elif mode == "stream":

@@ -182,7 +182,7 @@ def test_prepare_cache_trains_like_the_raw_files(tiny_qwen, tokenizer, tmp_path,
     )
     out = capsys.readouterr().out
     assert f"{len(SAMPLE_TEXTS)} documents" in out and "tokens/s" in out
-    from qwen_cpt.cache import CacheSource, CacheStream
+    from qwen_cpt.data.cache import CacheSource, CacheStream
 
     cache = CacheStream("c", CacheSource(tmp_path / "cache"), tokenizer.eos_token_id, 24, seed=0)
     raw = D.one_epoch(D.BlockStream("r", D.FileSource([f]), tokenizer, 24, shuffle_files=False))

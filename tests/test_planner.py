@@ -168,7 +168,8 @@ def test_flops_per_token_small_by_hand():
 
 
 def test_flops_per_token_gives_reference_throughput_targets():
-    # REFERENCE.md: on one H200 at 50% of 790 TFLOP/s, 7B at 4k -> 8.3k tok/s, 0.5B -> 98k
+    # On one H200 at 50% of 790 TFLOP/s, 7B at 4k -> 8.3k tok/s, 0.5B -> 98k
+    # (docs/design.md, "Throughput anchors and MFU")
     achieved = 0.5 * 790e12
     assert achieved / flops_per_token(QWEN25_SHAPES["Qwen/Qwen2.5-7B"], 4096) == pytest.approx(
         8.3e3, rel=0.01
@@ -428,7 +429,8 @@ def test_checkpointing_orders_activation_memory():
 
 
 def test_7b_adamw_states_are_16_bytes_per_param():
-    # REFERENCE.md: AdamW with fp32 states and master weights, about 16 B/param = 113 GiB at 7B
+    # AdamW with fp32 states and master weights: about 16 B/param = 113 GiB at 7B
+    # (docs/design.md, "Memory arithmetic")
     c = estimate_memory(QWEN25_SHAPES["Qwen/Qwen2.5-7B"], micro_batch=1, seq_len=2048).components
     assert (c["weights"] + c["grads"] + c["optimizer"]) / GiB == pytest.approx(113.5, rel=0.01)
 

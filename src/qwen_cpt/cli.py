@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .cache import prepare
+    from .data.cache import prepare
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)

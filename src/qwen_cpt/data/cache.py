@@ -20,16 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (
-    CACHE_MANIFEST,
-    IGNORE_INDEX,
-    Block,
-    DataError,
-    FileSource,
-    TokenizerPool,
-    _batched,
-    expand_paths,
-)
+from .sources import FileSource, expand_paths
+from .tokenize import TokenizerPool, _batched
+from .types import CACHE_MANIFEST, IGNORE_INDEX, Block, DataError
 
 log = logging.getLogger("qwen_cpt")
 SHARD_TOKENS = 1 << 26  # 64M tokens (256 MB) per shard
