@@ -5,9 +5,9 @@
     python benchmarks/gpu_bench.py --models 0.5B --cases hf ours --accum 4
 
 Models are built from config with random weights (no download), with the shapes of
-Qwen2.5-0.5B and Qwen2.5-7B (shared/REFERENCE.md), fp32 master weights and bf16 autocast. Each
-case runs in its own subprocess, so one case's memory or an out-of-memory never affects the
-next, and writes one markdown row to stdout:
+Qwen2.5-0.5B and Qwen2.5-7B (docs/design.md, "Qwen2.5 shapes and tokenizer ids"), fp32 master
+weights and bf16 autocast. Each case runs in its own subprocess, so one case's memory or an
+out-of-memory never affects the next, and writes one markdown row to stdout:
 
 - ``hf``: what ``transformers.Trainer`` does with ``bf16=True`` and run_clm's data: SDPA with a
   plain causal mask (``attention_mask`` of ones), the model's own loss over full logits, fused
@@ -27,11 +27,12 @@ next, and writes one markdown row to stdout:
   the lent machine lacks unless carried as a wheel (see benchmarks/device_checks.sh).
 
 Every optimizer step takes ``--accum`` micro-batches of 1 x 4096 tokens (default 8: 32k tokens
-per step; Muon's Newton-Schulz costs about 0.53 PFLOP per 7B step, so tokens per step matter,
-REFERENCE.md). Throughput is measured over ``--steps`` optimizer steps after ``--warmup``
-steps (which include compilation). MFU uses qwen_cpt.perf: torchtitan's model FLOPs per token
-(recomputation not counted) over the bf16 dense peak (989 TFLOP/s on H100/H200); the table also
-gives it against the 790 TFLOP/s that a bf16 8192^3 matmul reached on this workplace's H200.
+per step; Muon's Newton-Schulz costs about 0.53 PFLOP per 7B step, so tokens per step matter:
+docs/design.md, "Muon"). Throughput is measured over ``--steps`` optimizer steps after
+``--warmup`` steps (which include compilation). MFU uses qwen_cpt.perf: torchtitan's model FLOPs
+per token (recomputation not counted) over the bf16 dense peak (989 TFLOP/s on H100/H200); the
+table also gives it against the 790 TFLOP/s that a bf16 8192^3 matmul reached on this
+workplace's H200.
 """
 
 from __future__ import annotations

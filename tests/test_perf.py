@@ -68,7 +68,8 @@ def test_flops_and_mfu_use_the_planner_count():
     }
     fpt = perf.model_flops_per_token(config, 4096)
     assert fpt == flops_per_token(shape, 4096)
-    # REFERENCE.md: 7B at 4k, 8.3k tok/s is about 50% of 790 TFLOP/s
+    # 7B at 4k, 8.3k tok/s is about 50% of 790 TFLOP/s
+    # (docs/design.md, "Throughput anchors and MFU")
     assert perf.achieved_tflops(8300, fpt) == pytest.approx(395, rel=0.02)
     assert perf.mfu(8300, fpt, 790) == pytest.approx(0.5, rel=0.02)
     meter = perf.FlopsMeter(config, 4096, "cpu")

@@ -2,9 +2,9 @@
 
 With ``use_liger_kernel`` (on by default), a CUDA run with ``liger-kernel`` installed
 (``pip install qwen-cpt[gpu]``) uses Liger's Triton kernels for Qwen2/Qwen3/Llama/Mistral
-(Liger reports +20% throughput and -60% memory on Llama-3-8B, shared/REFERENCE.md). Each part is
-checked at start-up on the device before it is trusted, because Liger patches transformers'
-modules and its API moves between versions:
+(Liger reports +20% throughput and -60% memory on Llama-3-8B: docs/design.md, "Liger kernels").
+Each part is checked at start-up on the device before it is trusted, because Liger patches
+transformers' modules and its API moves between versions:
 
 - the fused linear cross-entropy against PyTorch's ``cross_entropy(hidden @ weight.T)``, loss
   and gradients, on a small random problem;

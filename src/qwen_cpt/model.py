@@ -176,7 +176,9 @@ def load_model(
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc
-    model.config.use_cache = False  # packing needs it off (REFERENCE.md); training never caches
+    # training never caches, and packing needs the cache off
+    # (docs/design.md, "Packing and document boundaries")
+    model.config.use_cache = False
     return model.to(runtime.device)
 
 

@@ -10,9 +10,10 @@ Peaks are the datasheet bf16 dense figures of :data:`qwen_cpt.planner.GPUS` (H10
 989 TFLOP/s, A100 312, A10G 125, L40S 362, RTX 4090 165), matched against
 ``torch.cuda.get_device_name``. On a CPU, or a GPU not in the table, there is no peak and no MFU
 unless ``peak_tflops`` is set. Datasheet peaks are not reached in practice: on this workplace's
-H200 a bf16 8192^3 matmul ran at about 790 TFLOP/s (shared/REFERENCE.md), so an MFU against 989
-of about 0.8 is the ceiling there. Variants with a lower peak than the table's entry (H100
-PCIe/NVL) need ``peak_tflops``.
+H200 a bf16 8192^3 matmul ran at about 790 TFLOP/s
+(docs/design.md, "Throughput anchors and MFU"), so an MFU against 989 of about 0.8 is the
+ceiling there. Variants with a lower peak than the table's entry (H100 PCIe/NVL) need
+``peak_tflops``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Qwen2.5). transformers' ``TikTokenConverter`` turns that table into a fast token
 Qwen2.5's 22 special tokens in their published order (ids 151643..151664) and Qwen's
 pre-tokenizer pattern, which splits digits one at a time.
 
-Checks (see shared/REFERENCE.md): ``"Hello, world!"`` -> ``[9707, 11, 1879, 0]`` and
-``<|endoftext|>`` -> 151643.
+Checks (docs/design.md, "Qwen2.5 shapes and tokenizer ids"): ``"Hello, world!"`` ->
+``[9707, 11, 1879, 0]`` and ``<|endoftext|>`` -> 151643.
 """
 
 from __future__ import annotations
