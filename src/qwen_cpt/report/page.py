@@ -1,0 +1,256 @@
+"""The report page: the runs' facts as tables, rendered with the charts by ``templates/``.
+
+A table is ``{"cols": [...], "rows": [...]}``; a cell is a string or a dict of ``text`` and optional
+``run`` (the run's label), ``cls``, ``metric`` (the key it shows, as ``data-metric``), ``code``,
+``step``, ``note`` and ``parts`` (such dicts). Columns of optional metrics no run logged are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from ..metrics import describe, member
+from .charts import COLORS, Axis, Chart
+from .read import (
+    EVAL_KEY,
+    Run,
+    config_value,
+    duration,
+    ema,
+    eval_changes,
+    fmt,
+    human,
+    is_num,
+    median,
+    optimizer_split,
+    runtime,
+    smoothing_weight,
+    target_shares,
+)
+
+NONE = "–"
+Column = tuple[str, str | None, Callable[[Run, str], Any]]  # title, metric, cell of a run
+
+
+def _cell(text: Any = "", **kw: Any) -> dict[str, Any]:
+    return {"text": text, **{k: v for k, v in kw.items() if v is not None}}
+
+
+def _col(title: Any, metric: str | None = None, num: bool = True) -> dict[str, Any]:
+    return {"title": title, "metric": metric, "num": num}
+
+
+def _text_cols(*titles: str) -> list[dict[str, Any]]:
+    return [_col(t, num=False) for t in titles]
+
+
+def _table(cols: list[dict], rows: list) -> dict[str, Any]:
+    """Rows are lists of cells, or ``(cells, row css class)``."""
+    rows = [r if isinstance(r, tuple) else (r, "") for r in rows]
+
+    def keep(j: int) -> bool:
+        entry = describe(cols[j]["metric"] or "")
+        return entry is None or entry.only_if is None or any(r[0][j] != NONE for r in rows)
+
+    js = [j for j in range(len(cols)) if keep(j)]
+    return {
+        "cols": [cols[j] for j in js],
+        "rows": [{"cells": [cells[j] for j in js], "cls": cls} for cells, cls in rows],
+    }
+
+
+def _per_run(runs: list[Run], columns: list[Column], num: bool = True) -> dict[str, Any]:
+    cols = [_col("run", num=False)] + [_col(t, k, num) for t, k, _ in columns]
+    rows = [[{"run": i}] + [f(r, k) for _, k, f in columns] for i, r in enumerate(runs)]
+    return _table(cols, rows)
+
+
+def _of(stat: Callable[[list[float]], float]) -> Callable[[Run, str], str]:
+    """A per-run cell: ``stat`` of the metric's logged values, formatted as the registry says."""
+    return lambda r, k: fmt(k, stat(r.values(k)) if r.values(k) else None)
+
+
+_LAST, _MEDIAN, _PEAK = _of(lambda v: v[-1]), _of(median), _of(max)
+_MEAN = _of(lambda v: sum(v) / len(v))
+_SMOOTHED = _of(lambda v: ema(v, smoothing_weight(len(v)))[-1])
+
+
+def _first_last(r: Run, k: str) -> str:
+    c = next((c for c in eval_changes(r) if c.key == k), None)
+    return f"{fmt(k, c.before)} → {fmt(k, c.after)}" if c else NONE
+
+
+def _best(r: Run, k: str) -> Any:
+    steps, values = r.series(k, "eval")
+    return _loss_at(*min(zip(values, steps))) if values else NONE
+
+
+def _run_time(r: Run, k: str, source: bool = False) -> Any:
+    secs, where = runtime(r)
+    return _cell(duration(secs), note=where if secs else None) if source else duration(secs)
+
+
+def _loss_at(value: float, step: int) -> dict[str, Any]:
+    return _cell(fmt(EVAL_KEY, value), step=step)
+
+
+def _optimizer(run: Run) -> list[dict[str, Any]]:
+    return [_cell(text, metric=metric) for text, metric in optimizer_split(run)]
+
+
+SUMMARY: list[Column] = [
+    ("steps", "step", lambda r, k: fmt(k, r.last_step)),
+    ("epochs", "epoch", _LAST),
+    ("tokens", "tokens_seen", _LAST),
+    ("train loss (smoothed, last)", "loss", _SMOOTHED),
+    ("mean train loss", "avg_loss", _LAST),
+    ("eval loss first → last", EVAL_KEY, _first_last),
+    ("best eval loss", EVAL_KEY, _best),
+    ("run time", "train_runtime_s", _run_time),
+    ("tokens/s (median)", "tokens_per_sec", _MEDIAN),
+    ("peak memory GB", "memory_gb", _PEAK),
+    ("skipped steps", "skipped_steps", _LAST),
+]
+COST: list[Column] = [
+    ("run time", "train_runtime_s", _run_time),
+    ("tokens", "tokens_seen", _LAST),
+    ("tokens/s (median)", "tokens_per_sec", _MEDIAN),
+    ("tokens/s (mean)", "tokens_per_sec", _MEAN),
+    ("tokens/s per device (median)", "tokens_per_sec_per_device", _MEDIAN),
+    ("TFLOPS (median)", "tflops", _MEDIAN),
+    ("MFU (median)", "mfu", _MEDIAN),
+    ("peak memory GB", "memory_gb", _PEAK),
+]
+SETUP: list[Column] = [
+    ("optimizer split (trainable parameters)", None, lambda r, k: _cell(parts=_optimizer(r))),
+    ("run time", "train_runtime_s", lambda r, k: _run_time(r, k, source=True)),
+]
+
+
+_FORGETTING = [_col("eval set", num=False)] + [_col(t) for t in ("before", "after", "change")]
+_FORGETTING += [_col("change %"), _col("verdict", num=False)]
+_FORGETTING += [_col("perplexity before → after", "eval_ppl")]
+_VERDICTS = dict(worse="▲ worse", better="▼ better", same="unchanged", single="one eval only")
+
+
+def _forgetting(runs: list[Run]) -> list[dict[str, Any]]:
+    out = []
+    for i, run in enumerate(runs):
+        changes, rows = eval_changes(run), []
+        for c in changes:
+            ppl = f"{fmt(c.ppl_key, c.ppl[0])} → {fmt(c.ppl_key, c.ppl[1])}" if c.ppl else None
+            cells = [_cell(c.source, code=c.key, metric=c.key), _loss_at(c.before, c.before_step)]
+            if c.single:
+                cells += [NONE, NONE, NONE]
+            else:
+                pct = NONE if c.pct is None else f"{c.pct:+.2f}%"
+                cells += [_loss_at(c.after, c.after_step), f"{c.delta:+.4f}", pct]
+            v = "single" if c.single else "worse" if c.worse else "better" if c.delta else "same"
+            cells += [
+                _cell(_VERDICTS[v], cls=f"verdict-{v}"),
+                _cell(ppl, metric=c.ppl_key) if ppl else NONE,
+            ]
+            rows.append((cells, "worse" if c.worse else ""))
+        worse = ", ".join(c.source for c in changes if c.worse)
+        out.append({"run": i, "table": _table(_FORGETTING, rows) if rows else None, "worse": worse})
+    return out
+
+
+def _mix(runs: list[Run]) -> dict[str, Any] | None:
+    rows = []
+    for i, run in enumerate(runs):
+        targets = target_shares(run)
+        for key in run.keys("data_share/"):
+            got, want = (run.values(key) or [None])[-1], targets.get(member(key))
+            diff = NONE if got is None or want is None else f"{100 * (got - want):+.1f} points"
+            source = _cell(member(key), code=key, metric=key)
+            rows.append([{"run": i}, source, fmt(key, want), fmt(key, got), diff])
+    cols = _text_cols("run", "source") + [_col("target share"), _col("achieved share (last)")]
+    return _table(cols + [_col("difference")], rows) if rows else None
+
+
+def _setup(runs: list[Run]) -> dict[str, Any]:
+    folders = []
+    for i, run in enumerate(runs):
+        for name, state in run.folders:
+            facts = []
+            if is_num(state.get("step")):
+                facts.append(f"step {state['step']:,}")
+            if is_num(state.get("tokens_seen")):
+                facts.append(f"{human(state['tokens_seen'])} tokens")
+            if is_num(state.get("best_eval_loss")):
+                facts.append(f"best eval loss {state['best_eval_loss']:.4f}")
+            folders.append([{"run": i}, _cell(code=f"{name}/"), ", ".join(facts) or NONE])
+    return {
+        "optimizer": _per_run(runs, SETUP, num=False),
+        "folders": _table(_text_cols("run", "folder", "state"), folders) if folders else None,
+        "config": _config(runs),
+    }
+
+
+def _config(runs: list[Run]) -> dict[str, Any] | None:
+    configs = [r.config for r in runs]
+    if not any(configs):
+        return None
+    keys = list(dict.fromkeys(k for c in configs for k in c or {}))
+    multi = len(runs) > 1
+    rows, diff = [], []
+    for k in keys:
+        values = [c.get(k) if c is not None else None for c in configs]
+        cells = [_cell(code=k)] + [
+            config_value(v) if c is not None else NONE for v, c in zip(values, configs)
+        ]
+        differs = multi and len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1
+        rows.append((cells, "diff") if differs else cells)
+        diff += [cells] if differs else []
+    head = _text_cols("field", *([{"run": i} for i in range(len(runs))] if multi else ["value"]))
+    return {"all": _table(head, rows), "diff": _table(head, diff), "n": len(keys), "multi": multi}
+
+
+@lru_cache(maxsize=1)
+def _template():
+    import jinja2
+    from markupsafe import Markup
+
+    def finalize(v: Any) -> Markup:  # html.escape: quotes as &quot;
+        return v if isinstance(v, Markup) else Markup(html.escape(str(v), quote=True))
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(__package__, "templates"),
+        autoescape=True,
+        finalize=finalize,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    return env.get_template("report.html.j2")
+
+
+def render_html(runs: list[Run], charts: list[Chart], chart_files: dict[str, str]) -> str:
+    """The report page; ``charts`` are embedded, ``chart_files`` maps chart key -> PNG file name."""
+    from .. import __version__
+
+    names = [r.name for r in runs]
+    title = "Training report: " + (" vs ".join(names) if len(names) <= 4 else f"{len(names)} runs")
+    return _template().render(
+        title=title,
+        now=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+        axis=Axis(runs).label,
+        runs=runs,
+        colors=COLORS,
+        charts={c.key: c for c in charts},
+        files=chart_files,
+        summary=_per_run(runs, SUMMARY),
+        forgetting=_forgetting(runs),
+        mix=_mix(runs),
+        cost=_per_run(runs, COST),
+        setup=_setup(runs),
+    )
