@@ -19,7 +19,7 @@ def muon_parity() -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    from qwen_cpt.distributed import DistributedMuon
+    from qwen_cpt.muon import DistributedMuon
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -65,9 +65,9 @@ def timeout() -> None:
     import os
     from pathlib import Path
 
-    from qwen_cpt.distributed import init_distributed
+    from qwen_cpt.distributed import World
 
-    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=0.25)
+    ctx = World.create(torch.device("cpu"), cpu_offload=False, timeout_minutes=0.25)
     done = Path(sys.argv[2])
     if ctx.rank == 1:  # alive but never joins, until rank 0 has seen its error
         deadline = time.monotonic() + 120
@@ -87,20 +87,33 @@ def timeout() -> None:
     raise AssertionError("the collective returned although rank 1 never joined")
 
 
-def nan_agree() -> None:
-    """A non-finite loss on one rank reaches every rank (the trainer stops on all of them)."""
-    from qwen_cpt.distributed import init_distributed
+def nan_stop() -> None:
+    """A non-finite loss on rank 1 only, at step 2: the trainer stops on every rank before the
+    optimizer step. (The loss function is made to return NaN on rank 1; the rest is the real
+    trainer under torchrun.)"""
+    import os
 
-    ctx = init_distributed(torch.device("cpu"), cpu_offload=False, timeout_minutes=1)
-    local_loss = float("nan") if ctx.rank == 1 else 2.5
-    loss, stop = ctx.sum([local_loss, 0.0])
-    import math
+    import qwen_cpt.run as R
+    import qwen_cpt.trainer as T
+    from qwen_cpt import CPTConfig, CPTTrainer
 
-    assert not math.isfinite(loss), f"rank {ctx.rank} saw a finite loss {loss}"
-    assert ctx.max([float(ctx.rank), -1.0]) == [1.0, -1.0]  # memory_gb: the largest rank's
-    if ctx.rank == 0:
-        print("RESULT " + json.dumps({"loss_on_rank0": str(loss)}))
-    ctx.close()
+    rank = int(os.environ["RANK"])
+    trainer = CPTTrainer(CPTConfig.from_yaml(sys.argv[2]))
+    real = R.lm_loss_sum
+
+    def loss_fn(model, batch, *args, **kwargs):
+        loss = real(model, batch, *args, **kwargs)
+        return loss * float("nan") if rank == 1 and trainer.state.step == 1 else loss
+
+    R.lm_loss_sum = loss_fn
+    try:
+        trainer.train()
+    except T.TrainingError as exc:
+        print(f"RANK {rank} STOPPED AT STEP {trainer.state.step}: {exc}", flush=True)
+        if rank == 0:
+            print("RESULT " + json.dumps({"step": trainer.state.step, "error": str(exc)}))
+        return
+    raise AssertionError(f"rank {rank} trained on after a NaN on rank 1")
 
 
 def kernel_choice() -> None:
@@ -143,7 +156,7 @@ if __name__ == "__main__":
     cases = {
         "muon_parity": muon_parity,
         "timeout": timeout,
-        "nan_agree": nan_agree,
+        "nan_stop": nan_stop,
         "kernel_choice": kernel_choice,
     }
     cases[sys.argv[1]]()

@@ -7,14 +7,13 @@ compiles C++ kernels, about 25-30 s on a 2-core CPU with a cold compile cache.
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import qwen_cpt.trainer as trainer_mod
+import qwen_cpt.run as run_mod
 from qwen_cpt import CPTConfig, CPTTrainer, make_tiny_model, perf
 from qwen_cpt.cli import build_parser
 from qwen_cpt.loss import lm_loss_sum
@@ -251,7 +250,7 @@ def test_trainer_wires_compile_checkpointing_and_mfu(tiny4, tmp_path, monkeypatc
         compiled_with.append(model)
         return perf.compile_decoder_layers(model, backend="aot_eager")
 
-    monkeypatch.setattr(trainer_mod, "compile_decoder_layers", fast_compile)
+    monkeypatch.setattr(run_mod, "compile_decoder_layers", fast_compile)
     torch._dynamo.reset()
     trainer, recs = _train(
         tiny4,
@@ -391,24 +390,38 @@ def test_fused_loss_reuses_one_cpu_logits_buffer():
 def test_evaluation_and_saving_do_not_count_as_training_time(tiny_qwen, tmp_path, monkeypatch):
     """tokens_per_sec (and so MFU) is the training speed: a slow evaluation or checkpoint
     between two log lines must not lower it (it did: the demo showed 922 instead of ~1,400
-    tok/s for the window holding an evaluation)."""
-    steps = dict(max_steps=6, logging_steps=2, eval_steps=2, save_steps=2)
-    _, quick = _train(tiny_qwen, tmp_path / "quick", SAMPLE_TEXTS[:4], **steps)
-    real_eval, real_save = CPTTrainer._eval_loss, CPTTrainer._save_checkpoint
+    tok/s for the window holding an evaluation). The trainer reads an injected clock: each
+    training step takes 1 s on it, each evaluation and each save 1000 s."""
+    from qwen_cpt.checkpoint import CheckpointManager
+    from qwen_cpt.evaluate import Evaluator
 
-    def slow_eval(self, *a, **kw):
-        time.sleep(1.0)
-        return real_eval(self, *a, **kw)
+    now = [0.0]
 
-    def slow_save(self, *a, **kw):
-        time.sleep(1.0)
-        return real_save(self, *a, **kw)
+    def slowly(seconds, real):
+        def run(*args, **kwargs):
+            now[0] += seconds
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(CPTTrainer, "_eval_loss", slow_eval)
-    monkeypatch.setattr(CPTTrainer, "_save_checkpoint", slow_save)
-    _, slow = _train(tiny_qwen, tmp_path / "slow", SAMPLE_TEXTS[:4], **steps)
-    assert [r["step"] for r in slow] == [2, 4, 6]
-    # two 1 s pauses fall in the windows of steps 4 and 6, whose training takes well under 1 s
-    # (an unpaused window would show a small fraction of the quick run's speed)
-    for q, s in zip(quick[1:], slow[1:]):
-        assert s["tokens_per_sec"] > 0.4 * q["tokens_per_sec"], (q, s)
+        return run
+
+    monkeypatch.setattr(CPTTrainer, "train_step", slowly(1.0, CPTTrainer.train_step))
+    monkeypatch.setattr(Evaluator, "evaluate", slowly(1000.0, Evaluator.evaluate))
+    monkeypatch.setattr(CheckpointManager, "save", slowly(1000.0, CheckpointManager.save))
+    cfg = CPTConfig(
+        model_name_or_path=tiny_qwen, output_dir=str(tmp_path / "run"), max_length=32,
+        per_device_train_batch_size=2, max_steps=6, logging_steps=2, eval_steps=2, save_steps=2,
+        use_tensorboard=False, device="cpu",
+    )  # fmt: skip
+    CPTTrainer(cfg, clock=lambda: now[0]).train(SAMPLE_TEXTS[:4], SAMPLE_TEXTS[4:6])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [r for r in records if "tokens_per_sec" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    evals = [r["step"] for r in records if "eval_loss" in r]
+    assert evals == [0, 2, 4, 6]  # the windows of steps 4 and 6 each hold an eval and a save
+    tokens_per_window = 2 * 2 * 32  # 2 steps of 2 blocks of 32 tokens
+    for r in logged:
+        assert r["tokens_per_sec"] == tokens_per_window / 2.0, r  # 2 training seconds
+    runtime = next(r["train_runtime_s"] for r in records if "train_runtime_s" in r)
+    # the run's time counts everything: evaluations at steps 2, 4 and 6, save calls at steps
+    # 2, 4 and 6 and the final one (which finds checkpoint-6 saved), and 6 training seconds
+    assert runtime == 6 + 1000 * (3 + 4)

@@ -125,26 +125,140 @@ def test_checkpoint_holds_full_state_and_verifies(tiny_qwen, tmp_path):
         _cfg(tiny_qwen, out, data, max_steps=2, save_steps=1, use_muon_optimizer=True)
     ).train()
     ck = out / "checkpoint-1"
-    names = {p.name for p in ck.iterdir()}
+    names = {str(p.relative_to(ck)) for p in ck.rglob("*")}
     assert {
-        "model.safetensors",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
         "config.json",
         "tokenizer.json",
-        "optimizer.pt",
-        "rng_state.safetensors",
+        "state/.metadata",
         "trainer_state.json",
         "config.yaml",
         "manifest.json",
     } <= names
+    assert not any(n.startswith("sharded") for n in names)  # consolidated, then removed
     state = json.loads((ck / "trainer_state.json").read_text())
-    assert state["step"] == 1 and state["tokens_seen"] == 4 * 24
+    assert state["format"] == 2 and state["step"] == 1 and state["tokens_seen"] == 4 * 24
     assert set(state["geometry"]) >= {"max_length", "per_device_train_batch_size"}
-    import torch
+    from torch.distributed.checkpoint import FileSystemReader
 
-    optim = torch.load(ck / "optimizer.pt", weights_only=True)
-    assert set(optim) == {"muon", "adamw"} and optim["muon"]["state"]
+    keys = set(FileSystemReader(str(ck / "state")).read_metadata().state_dict_metadata)
+    assert any(k.startswith("optimizer.muon.state.") for k in keys), sorted(keys)[:5]
+    assert any(k.startswith("optimizer.adamw.state.") for k in keys)
+    assert {"run.train", "run.data", "run.schedule", "run.trackers", "rng.rank0.torch"} <= keys
     assert verify(ck) is None
     assert latest_valid_checkpoint(out) == out / "checkpoint-2"
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_every_checkpoint_is_an_hf_model_with_the_trainers_logits(tiny_qwen, tmp_path, use_async):
+    """``from_pretrained(checkpoint-N)`` gives the trainer's own logits at step N (<= 1e-5)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_cpt.checkpoint import CheckpointManager
+
+    ids = torch.tensor([[9707, 11, 1879, 0, 151643, 785, 1156]])
+    seen: dict[str, torch.Tensor] = {}
+    real_save = CheckpointManager.save
+
+    def observed_save(self, target, model, *args, **kwargs):  # the trainer's model, then save
+        with torch.no_grad():
+            seen[target.name] = model(ids).logits.clone()
+        return real_save(self, target, model, *args, **kwargs)
+
+    out = tmp_path / "out"
+    kw = dict(max_steps=3, save_steps=1, use_muon_optimizer=True, async_checkpoint=use_async)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CheckpointManager, "save", observed_save)
+        CPTTrainer(_cfg(tiny_qwen, out, _write_data(tmp_path), **kw)).train()
+    assert sorted(seen) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    for name, logits in seen.items():
+        model = AutoModelForCausalLM.from_pretrained(out / name).eval()
+        with torch.no_grad():
+            diff = (model(ids).logits - logits).abs().max().item()
+        assert diff <= 1e-5, (name, diff)
+    assert not torch.equal(seen["checkpoint-1"], seen["checkpoint-3"])  # the weights moved
+
+
+def test_async_checkpoints_resume_like_sync_ones(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=6, save_steps=2)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "sync", data, **kw)).train()
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "async", data, async_checkpoint=True, **kw)).train()
+    ref = _losses(tmp_path / "sync")
+    assert _losses(tmp_path / "async") == ref
+    for step in (2, 4, 6):
+        assert verify(tmp_path / "async" / f"checkpoint-{step}") is None
+    resumed = _resume_from(
+        tmp_path / "async" / "checkpoint-2", tmp_path / "resumed", tiny_qwen, data, **kw
+    )
+    assert [resumed[s] for s in range(3, 7)] == [ref[s] for s in range(3, 7)]
+
+
+# Slows DCP's file writes for checkpoint-4 only, then runs the CLI: the background save of
+# checkpoint-4 is still writing when the test kills the process.
+_SLOW_WRITES = """
+import sys, time
+import torch.distributed.checkpoint.filesystem as fs
+real = fs._write_files_from_queue
+def slow(*args, **kwargs):  # the files it will write are queued as (path, name, items)
+    if "checkpoint-4" in repr([f[0] for f in kwargs["file_queue"].queue]):
+        time.sleep(600)
+    return real(*args, **kwargs)
+fs._write_files_from_queue = slow
+from qwen_cpt.cli import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    kw = dict(use_muon_optimizer=True, max_steps=8, save_steps=2)
+    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
+    ref = _losses(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    cfg = _cfg(tiny_qwen, out, data, async_checkpoint=True, resume_from_checkpoint="auto", **kw)
+    cfg.to_yaml(tmp_path / "killed.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITES, str(tmp_path / "killed.yaml")],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    # training goes on while checkpoint-4 is written: wait for step 5, then kill mid-save
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and 5 in _losses(out):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert (out / ".tmp-checkpoint-4").is_dir() and not (out / "checkpoint-4").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert verify(out / "checkpoint-2") is None  # the previous checkpoint is whole
+    res = _cli(cfg, tmp_path, "killed")
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from {out / 'checkpoint-2'} at step 2" in res.stderr
+    got = _losses(out)
+    assert [got[s] for s in range(1, 9)] == [ref[s] for s in range(1, 9)]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_old_layout_checkpoints_are_refused_with_a_message(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    old = tmp_path / "out" / "checkpoint-5"
+    shutil.copytree(tiny_qwen, old)
+    (old / "optimizer.pt").write_bytes(b"0.1")
+    (old / "trainer_state.json").write_text(json.dumps({"step": 5}))
+    (old / "manifest.json").write_text(json.dumps({"files": {}}))
+    for spec in (str(old), "auto"):
+        cfg = _cfg(tiny_qwen, tmp_path / "out", data, max_steps=6, resume_from_checkpoint=spec)
+        with pytest.raises(CheckpointError, match="written by qwen-cpt 0.1 .*cannot resume"):
+            CPTTrainer(cfg).train()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-5"]
 
 
 def test_sigkill_then_auto_resume_matches_a_straight_run(tiny_qwen, tmp_path):
@@ -179,16 +293,16 @@ def test_corrupted_and_partial_checkpoints_are_skipped(tiny_qwen, tmp_path, capl
     ref = _losses(out)
     shutil.rmtree(out / "final")
     # newest checkpoint truncated, the one before it bit-flipped, and a save left half-done
-    weights = out / "checkpoint-3" / "model.safetensors"
+    weights = out / "checkpoint-3" / "model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    opt = out / "checkpoint-2" / "optimizer.pt"
+    opt = out / "checkpoint-2" / "state" / "__0_0.distcp"
     blob = bytearray(opt.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     opt.write_bytes(bytes(blob))
     shutil.copytree(out / "checkpoint-1", out / ".tmp-checkpoint-4-999")
     assert latest_valid_checkpoint(out) == out / "checkpoint-1"
-    assert "checkpoint-3: model.safetensors has 1000 bytes" in caplog.text
-    assert "checkpoint-2: optimizer.pt does not match its checksum" in caplog.text
+    assert "checkpoint-3: model-00001-of-00001.safetensors has 1000 bytes" in caplog.text
+    assert "checkpoint-2: state/__0_0.distcp does not match its checksum" in caplog.text
     (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"step": 3, "lo')
     CPTTrainer(_cfg(tiny_qwen, out, data, resume_from_checkpoint="auto", **kw)).train()
     assert _losses(out) == ref
@@ -327,28 +441,30 @@ def test_auto_resume_with_nothing_to_resume_starts_fresh(tiny_qwen, tmp_path, ca
     assert "no valid checkpoint" in caplog.text and "starting fresh" in caplog.text
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_qwen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(
+    tiny_qwen, tmp_path, monkeypatch, use_async
+):
     import errno
 
-    import torch
+    import torch.distributed.checkpoint.filesystem as fs
 
     data = _write_data(tmp_path)
     out = tmp_path / "out"
-    real_save = torch.save
-    calls = {"n": 0}
+    real_write = fs._write_files_from_queue
 
-    def failing_save(obj, f, *a, **k):  # the second checkpoint's optimizer write hits ENOSPC
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def failing_write(*args, **kwargs):  # the second checkpoint's files hit ENOSPC
+        if "checkpoint-2" in repr([f[0] for f in kwargs["file_queue"].queue]):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+        return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(fs, "_write_files_from_queue", failing_write)
+    cfg = _cfg(tiny_qwen, out, data, max_steps=3, save_steps=1, async_checkpoint=use_async)
     with pytest.raises(
         CheckpointError,
         match="disk full while saving .*checkpoint-2.*previous checkpoint is intact",
     ):
-        CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=3, save_steps=1)).train()
+        CPTTrainer(cfg).train()
     assert verify(out / "checkpoint-1") is None
     assert not (out / "checkpoint-2").exists() and not list(out.glob(".tmp-*"))
 

@@ -1,35 +1,45 @@
-"""Checkpoints that survive crashes: atomic commit, a verified manifest, and full training state.
+"""Checkpoints that survive crashes: one format for one process and for many, written by DCP.
 
-Commit protocol (after torchtitan's DCP commit, shared/REFERENCE.md):
-1. everything is written into ``.tmp-<name>-<pid>/`` next to the target;
-2. ``manifest.json`` lists every file with its size and sha256, written last;
-3. all files and the folder are fsynced, then the folder is renamed to ``checkpoint-<step>``.
-A kill at any moment leaves either the previous state or a complete new folder, plus at most a
-``.tmp-*`` folder that the next start removes. "Latest" is the newest ``checkpoint-<step>`` whose
-manifest verifies; a truncated or corrupted one is skipped with a warning that names it (HF
-Trainer picks the newest folder unchecked, transformers #35782).
+What a ``checkpoint-<step>/`` holds (format 2):
 
-What a ``checkpoint-<step>/`` holds:
-- the model in Hugging Face format (safetensors + config.json) and the tokenizer, so any
-  checkpoint loads with ``from_pretrained``;
-- ``optimizer.pt``: the optimizer states (Muon and AdamW parts), tensors only, read back with
-  ``torch.load(weights_only=True)``: nothing is unpickled blindly;
-- ``rng_state.safetensors``: torch (and CUDA) generator states;
-- ``trainer_state.json``: step, epoch, tokens seen, loss sums, best eval loss, the data position,
-  the batch geometry and the python/numpy RNG states, as JSON;
-- ``config.yaml``: the run's resolved config.
+- the model in Hugging Face format: ``model-*.safetensors`` with their index and ``config.json``,
+  written by ``torch.distributed.checkpoint`` (DCP) with its ``HuggingFaceStorageWriter``
+  (every rank writes its shards, rank 0 consolidates them into whole tensors), so every
+  checkpoint loads with ``AutoModelForCausalLM.from_pretrained(checkpoint-<step>)``; and the
+  tokenizer;
+- ``state/``: DCP's own format for everything else that resumes the run: the optimizer states
+  (sharded as the parameters), the train state, the data position, the schedule, the trackers'
+  state, and every rank's RNG states. DCP reshards both parts when the number of processes
+  changes;
+- ``trainer_state.json``: a readable summary (step, the batch geometry, the data fingerprint),
+  which a resume checks before it loads any weights; ``config.yaml``: the run's config;
+- ``manifest.json``: every file's size and xxh3-128 hash, written last.
+
+Commit protocol (torchtitan's; docs/design.md, "Checkpoint commit protocol"): everything is
+written into ``.tmp-<name>/`` next to the target; the manifest is written; files and folder are
+fsynced; the folder is renamed to ``checkpoint-<step>``. A kill at any moment leaves the previous
+checkpoints as they were plus at most a ``.tmp-*`` folder, which the next start removes. "Latest"
+is the newest checkpoint whose manifest verifies (HF Trainer picks the newest folder unchecked,
+transformers #35782); a truncated or corrupted one is skipped with a warning that names it.
+
+With ``async_checkpoint`` the save uses DCP's ``async_save``: the state is copied to CPU memory
+(a consistent snapshot) and training goes on while a background thread writes it; the commit
+follows when the writes are done. At most one save is in flight; the next save, the end of the
+run and a stop signal wait for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +48,85 @@ log = logging.getLogger("qwen_cpt")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
+FORMAT = 2  # format 1 (qwen-cpt 0.1): optimizer.pt or dcp/ beside the weights
+STATE_DIR = "state"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or used; the message names the path."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _failures() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)  # DCP's exception is a BaseException
+
+
+_FAILURES = _failures()
+
+
+# --- integrity --------------------------------------------------------------------------------------
+
+
+def file_hash(path: Path) -> str:
+    """xxh3-128 of a file: about 10x sha256's speed, so hashing a 15 GB save costs seconds."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_manifest(folder: Path, checksums: bool = True) -> None:
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            entry: dict[str, Any] = {"size": f.stat().st_size}
+            if checksums:
+                entry["xxh3_128"] = file_hash(f)
+            files[str(f.relative_to(folder))] = entry
+    manifest = {"format": FORMAT, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def old_layout(folder: Path) -> bool:
+    """A checkpoint written by qwen-cpt 0.1 (``optimizer.pt`` or ``dcp/`` beside the weights)."""
+    return (folder / "optimizer.pt").is_file() or (folder / "dcp").is_dir()
+
+
+def verify(folder: Path, checksums: bool = True) -> str | None:
+    """``None`` if ``folder`` is a complete checkpoint, else what is wrong with it."""
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return "no manifest.json (an incomplete save)"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, meta in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
+        if checksums and "xxh3_128" in meta and file_hash(f) != meta["xxh3_128"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def refuse_old_layout(folder: Path) -> None:
+    if old_layout(folder):
+        raise CheckpointError(
+            f"{folder} was written by qwen-cpt 0.1 (optimizer.pt or dcp/ beside the weights), "
+            f"whose checkpoints this version cannot resume. Start a new run from its weights: "
+            f"model_name_or_path={folder} for a single-process one, or that run's final/ folder."
+        )
+
+
+# --- the atomic commit ------------------------------------------------------------------------------
 
 
 def _fsync_tree(path: Path) -> None:
@@ -65,35 +142,6 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def write_manifest(folder: Path) -> None:
-    files = {
-        str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
-
-
-def verify(folder: Path, checksums: bool = True) -> str | None:
-    """``None`` if ``folder`` is a complete checkpoint, else what is wrong with it."""
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
-        return "no manifest.json (an incomplete save)"
-    try:
-        files = json.loads(mpath.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable manifest.json ({exc})"
-    for name, meta in files.items():
-        f = folder / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if checksums and _sha256(f) != meta["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
-
-
 @contextlib.contextmanager
 def _removing_on_failure(target: Path, tmp: Path):
     """On any failure remove ``tmp``; a full disk becomes a clear CheckpointError."""
@@ -101,20 +149,32 @@ def _removing_on_failure(target: Path, tmp: Path):
         yield
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"disk full while saving {target}; the partial save was removed and the "
-                "previous checkpoint is intact. Free space or lower save_total_limit, then "
-                "resume."
-            ) from exc
+        if _is_enospc(exc):
+            raise _disk_full(target) from exc
         raise
 
 
-def commit_folder(tmp: Path, target: Path, manifest: bool = True) -> Path:
+def _disk_full(target: Path) -> CheckpointError:
+    return CheckpointError(
+        f"disk full while saving {target}; the partial save was removed and the previous "
+        "checkpoint is intact. Free space or lower save_total_limit, then resume."
+    )
+
+
+def _is_enospc(exc: BaseException | None) -> bool:
+    while exc is not None:  # DCP wraps a writer's OSError in its own exceptions
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def commit_folder(tmp: Path, target: Path, checksums: bool = True) -> Path:
     """Write the manifest of the filled ``tmp``, fsync it, and rename it to ``target``."""
     with _removing_on_failure(target, tmp):
-        if manifest:
-            write_manifest(tmp)
+        write_manifest(tmp, checksums)
         _fsync_tree(tmp)
     old = None
     if target.exists():  # replacing best/ or final/: move the old one aside, then swap
@@ -126,20 +186,24 @@ def commit_folder(tmp: Path, target: Path, manifest: bool = True) -> Path:
     return target
 
 
-def save_folder(target: Path, write_contents, manifest: bool = True) -> Path:
+def tmp_path(target: Path) -> Path:
+    return target.parent / f"{TMP_PREFIX}{target.name}"
+
+
+def save_folder(target: Path, write_contents: Callable[[Path], None]) -> Path:
     """Create ``target`` atomically: ``write_contents(tmp_dir)`` fills it, then it is committed.
 
     On any failure (a full disk included) the partial folder is removed, the previous
     ``target`` stays as it was, and the error propagates.
     """
     target = Path(target)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+    tmp = tmp_path(target)
     if tmp.exists():
         shutil.rmtree(tmp)
     with _removing_on_failure(target, tmp):
         tmp.mkdir(parents=True)
         write_contents(tmp)
-    return commit_folder(tmp, target, manifest)
+    return commit_folder(tmp, target)
 
 
 def write_run_files(folder: Path, tokenizer, config=None, state=None) -> None:
@@ -152,45 +216,18 @@ def write_run_files(folder: Path, tokenizer, config=None, state=None) -> None:
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
 
 
-def save_model_dir(
-    target: Path, model, tokenizer, config=None, state=None, state_dict=None
-) -> Path:
-    """An HF-format model folder (``final/``, ``best/``): weights, tokenizer, config, state.
-
-    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP2).
-    """
+def save_model_dir(target: Path, model, tokenizer, config, state, weights: dict) -> Path:
+    """An HF-format model folder (``final/``, ``best/``): ``weights`` (whole tensors, a tied
+    weight once), tokenizer, config, state."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         write_run_files(tmp, tokenizer, config, state)
 
     return save_folder(target, write)
 
 
-def save_training_checkpoint(
-    target: Path, model, tokenizer, config, state: dict, optimizer_state: dict, rng: dict
-) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_run_files(tmp, tokenizer, config, state)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        save_file(rng, str(tmp / "rng_state.safetensors"))
-
-    return save_folder(target, write)
-
-
-def load_training_state(folder: Path) -> tuple[dict, dict, dict]:
-    """``(trainer_state, optimizer_state, rng_tensors)`` of a verified checkpoint folder."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    rng = load_file(str(folder / "rng_state.safetensors"))
-    return state, optimizer_state, rng
+# --- finding checkpoints ----------------------------------------------------------------------------
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -205,8 +242,12 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_valid_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; broken ones are named in a warning."""
+    """The newest checkpoint whose manifest verifies; broken ones are named in a warning.
+
+    Only the checkpoint that is picked (and any newer broken one) is hashed, not every one.
+    """
     for _, path in reversed(list_checkpoints(output_dir)):
+        refuse_old_layout(path)
         problem = verify(path)
         if problem is None:
             return path
@@ -237,14 +278,208 @@ def remove_stale_tmp(output_dir: Path) -> None:
         log.warning("removed leftover partial save %s", p)
 
 
-def jsonable_rng(python_state, numpy_state) -> dict[str, Any]:
-    out: dict[str, Any] = {"python": [python_state[0], list(python_state[1]), python_state[2]]}
-    if numpy_state is not None:
-        out["numpy"] = [
-            numpy_state[0],
-            numpy_state[1].tolist(),
-            int(numpy_state[2]),
-            int(numpy_state[3]),
-            float(numpy_state[4]),
-        ]
-    return out
+def without_tied(model, weights: dict) -> dict:
+    """``weights`` with a tied parameter (Qwen2.5's embeddings and head) once, as HF saves it."""
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            weights.pop(name, None)
+        seen.add(id(p))
+    return weights
+
+
+# --- the manager ------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves and restores the model and every stateful part of a run through DCP.
+
+    ``parts``: name -> object with ``state_dict()``/``load_state_dict()`` whose state is small
+    and JSON-able (train state, data position, schedule, trackers); ``rng``: this rank's RNG
+    part (tensors; one per rank); the optimizers go in by name. The same code runs on one
+    process (DCP without a process group) and on many.
+    """
+
+    def __init__(self, output_dir: Path, world, *, keep: int | None, use_async: bool):
+        self.output_dir = Path(output_dir)
+        self.world = world
+        self.keep = keep
+        self.use_async = use_async
+        self.checksums = True  # benchmarks/checkpoint_stall.py turns it off to measure its cost
+        self._pending: tuple[Path, list[Future], threading.Thread | None] | None = None
+        self._error: BaseException | None = None
+        # async saves coordinate on their own gloo group, apart from training's collectives
+        self._pg = None
+        if use_async and world.sharded:
+            import torch.distributed as dist
+
+            self._pg = dist.new_group(backend="gloo")
+
+    # --- saving ----------------------------------------------------------------------------------
+    def save(
+        self,
+        target: Path,
+        model,
+        optimizers: dict,
+        parts: dict,
+        rng,
+        write_main_files: Callable[[Path], None],
+        blocking: bool = False,
+    ) -> Path:
+        """Write ``target`` (``checkpoint-<step>``); with async checkpoints and not
+        ``blocking``, return once the state is staged and let the writes go on."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        self.wait()  # one save in flight at most
+        world, tmp = self.world, tmp_path(target)
+        if world.on_main(lambda: target.exists() and verify(target, checksums=False) is None):
+            return target  # saved already (the last step was a save step, say)
+
+        def fresh_tmp() -> None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            write_main_files(tmp)  # config.json, tokenizer, config.yaml, trainer_state.json
+
+        self._all_or_cleanup(lambda: world.on_main(fresh_tmp), target, tmp)
+        model_sd, state_sd = self._state_dicts(model, optimizers, parts, rng)
+        writer = HuggingFaceStorageWriter(
+            str(tmp), save_distributed=world.sharded, enable_consolidation=world.sharded
+        )
+        use_async = self.use_async and not blocking
+        futures: list[Future] = []
+
+        def write() -> None:
+            if use_async:
+                kw = {"process_group": self._pg} if world.sharded else {"no_dist": True}
+                futures.append(dcp.async_save(model_sd, storage_writer=writer, **kw))
+                futures.append(dcp.async_save(state_sd, checkpoint_id=str(tmp / STATE_DIR), **kw))
+            else:
+                kw = {"no_dist": not world.sharded}
+                dcp.save(model_sd, storage_writer=writer, **kw)
+                dcp.save(state_sd, checkpoint_id=str(tmp / STATE_DIR), **kw)
+
+        self._all_or_cleanup(write, target, tmp)
+        if not use_async:
+            world.on_main(lambda: self._commit(tmp, target))
+            return target
+        thread = None
+        if world.is_main:  # commit when every rank's writes are done (rank 0's futures end last)
+            thread = threading.Thread(
+                target=self._commit_when_done, args=(tmp, target, futures), daemon=True
+            )
+            thread.start()
+        self._pending = (target, futures, thread)
+        log.info("%s: writing in the background", target)
+        return target
+
+    def _all_or_cleanup(self, fn, target: Path, tmp: Path) -> None:
+        """``fn()`` on every rank; if it failed on any, remove the partial save and raise on all."""
+        error = None
+        try:
+            fn()
+        except _FAILURES as exc:  # reported on every rank below
+            error = exc
+        try:
+            if error is not None and _is_enospc(error):
+                error = _disk_full(target)
+            self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointError)
+        except CheckpointError:
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _commit(self, tmp: Path, target: Path) -> None:
+        try:
+            shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated into whole tensors
+            commit_folder(tmp, target, self.checksums)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        rotate_checkpoints(self.output_dir, self.keep, keep=target)
+        log.info("saved %s", target)
+
+    def _commit_when_done(self, tmp: Path, target: Path, futures: list[Future]) -> None:
+        try:
+            for f in futures:
+                f.result()
+            self._commit(tmp, target)
+        except _FAILURES as exc:  # raised in the training thread by wait()
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._error = exc
+
+    def wait(self) -> None:
+        """Finish the save in flight (every rank); raise on every rank if it failed on any."""
+        target, error = self._finish_pending()
+        if error is not None and _is_enospc(error):
+            error = _disk_full(target)
+        self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointError)
+
+    def close(self) -> None:
+        """At the end of a run, also a failed one: let a save in flight finish and commit (this
+        rank only, no collective: another rank may be gone); report, never raise, its error."""
+        target, error = self._finish_pending()
+        if error is not None:
+            log.warning("the background save of %s failed: %s", target, error)
+
+    def _finish_pending(self) -> tuple[Path | None, BaseException | None]:
+        """Wait for this rank's writes and for the commit thread: (target, first error)."""
+        if self._pending is None:
+            return None, None
+        (target, futures, thread), self._pending = self._pending, None
+        error = None
+        for f in futures:
+            try:
+                f.result()
+            except _FAILURES as exc:
+                error = error or exc
+        if thread is not None:
+            thread.join()  # it has committed, or removed the partial folder
+        error, self._error = error or self._error, None
+        return target, error
+
+    def _state_dicts(self, model, optimizers: dict, parts: dict, rng) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        optim = {name: get_optimizer_state_dict(model, opt) for name, opt in optimizers.items()}
+        run = {name: json.dumps(part.state_dict()) for name, part in parts.items()}
+        state = {
+            "optimizer": optim,
+            "run": run,
+            "rng": {f"rank{self.world.rank}": rng.state_dict()},
+        }
+        return without_tied(model, get_model_state_dict(model)), state
+
+    # --- restoring -------------------------------------------------------------------------------
+    def load(self, path: Path, model, optimizers: dict, parts: dict, rng) -> None:
+        """Load ``path`` into this run's model, optimizers, parts and RNG (DCP reshards when the
+        number of processes differs). A rank that the checkpoint has no RNG state for (it was
+        saved by fewer processes) starts from rank 0's."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model_sd, state_sd = self._state_dicts(model, optimizers, parts, rng)
+        no_dist = not self.world.sharded
+        dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=no_dist)
+        # DCP refused any weight the files lack; only a tied duplicate is absent here
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
+        reader = FileSystemReader(str(Path(path) / STATE_DIR))
+        saved = reader.read_metadata().state_dict_metadata
+        mine = f"rank{self.world.rank}"
+        if not any(k.startswith(f"rng.{mine}.") for k in saved):
+            state_sd["rng"] = {"rank0": state_sd["rng"][mine]}
+        dcp.load(state_sd, storage_reader=reader, no_dist=no_dist)
+        for name, opt in optimizers.items():
+            set_optimizer_state_dict(model, opt, state_sd["optimizer"][name])
+        for name, part in parts.items():
+            part.load_state_dict(json.loads(state_sd["run"][name]))
+        rng.load_state_dict(next(iter(state_sd["rng"].values())))

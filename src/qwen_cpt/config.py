@@ -223,6 +223,13 @@ class CPTConfig:
     save_total_limit: int | None = _f(
         3, "Keep at most N checkpoint-<step>/ folders (None: keep all). best/ is never deleted."
     )
+    async_checkpoint: bool = _f(
+        False,
+        "Write checkpoint-<step>/ in the background (DCP async_save): the state is copied to CPU "
+        "memory, training goes on while a thread writes it, and the folder is committed when "
+        "the writes are done. Costs one more copy of the model and optimizer states in CPU "
+        "memory. A crash during the writes leaves the previous checkpoint as it was.",
+    )
     logging_dir: str | None = _f(None, "TensorBoard log dir; defaults to <output_dir>/logs.")
     use_tensorboard: bool = _f(True, "Write TensorBoard scalars under logging_dir.")
     wandb_project: str | None = _f(None, "Log to this Weights & Biases project when set.")

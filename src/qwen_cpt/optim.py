@@ -113,7 +113,7 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
     """Muon (+ AdamW) or AdamW for ``model``.
 
     ``sharded``: the parameters are FSDP2 shards; Muon is then
-    :class:`qwen_cpt.distributed.DistributedMuon`, which orthogonalizes whole matrices (on
+    :class:`qwen_cpt.muon.DistributedMuon`, which orthogonalizes whole matrices (on
     ``ns_device``) and otherwise matches ``torch.optim.Muon``.
     """
     split = split_parameters(model, cfg.use_muon_optimizer)
@@ -132,7 +132,7 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
             adjust_lr_fn="match_rms_adamw",
         )
         if sharded:
-            from .distributed import DistributedMuon
+            from .muon import DistributedMuon
 
             opts["muon"] = DistributedMuon(
                 [p for _, p in split.muon], ns_device=ns_device, **muon_args

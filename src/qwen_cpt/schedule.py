@@ -41,3 +41,45 @@ def lr_multiplier(
         progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
         return 1.0 - (1.0 - min_ratio) * progress
     raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+class Schedule:
+    """The run's learning-rate schedule: sets every param group's ``lr`` for a step.
+
+    Its state is its shape; the lr is a pure function of the step, so a resume needs nothing
+    else. A resume whose config gives another shape (say a larger ``max_steps``) follows the
+    new config, and says so.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, kind: str, min_ratio: float, decay):
+        self.shape = dict(
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            kind=kind,
+            min_ratio=min_ratio,
+            decay_ratio=decay,
+        )
+
+    def multiplier(self, step: int) -> float:
+        return lr_multiplier(step, **self.shape)
+
+    def apply(self, optimizers, step: int) -> float:
+        """Set the lr of ``step`` (0-based) on every optimizer; return the multiplier."""
+        mult = self.multiplier(step)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * mult
+        return mult
+
+    def state_dict(self) -> dict:
+        return dict(self.shape)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.shape:
+            import logging
+
+            logging.getLogger("qwen_cpt").info(
+                "lr schedule: the checkpoint's was %s, this run follows its config: %s",
+                state,
+                self.shape,
+            )

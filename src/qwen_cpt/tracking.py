@@ -102,7 +102,14 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, project: str, run_name: str | None, directory: str | Path, config: dict):
+    def __init__(
+        self,
+        project: str,
+        run_name: str | None,
+        directory: str | Path,
+        config: dict,
+        run_id: str | None = None,
+    ):
         import wandb
 
         self.wandb = wandb
@@ -112,6 +119,7 @@ class WandbTracker(Tracker):
             dir=str(directory),
             config=config,
             reinit="finish_previous",
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -138,6 +146,14 @@ class Trackers(Tracker):
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.trackers]
+
+    def state_dict(self) -> dict:
+        """What a resume needs to continue the same runs: the W&B run id."""
+        ids = [t.run.id for t in self.trackers if isinstance(t, WandbTracker)]
+        return {"wandb_run_id": ids[0] if ids else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumed = state  # read by build_trackers (the trackers start after a resume loads)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for t in list(self.trackers):
@@ -169,9 +185,10 @@ class Trackers(Tracker):
                 log.warning("tracker %s failed to close (%s: %s)", t.name, type(exc).__name__, exc)
 
 
-def build_trackers(cfg, output_dir: Path) -> Trackers:
+def build_trackers(cfg, output_dir: Path, state: dict | None = None) -> Trackers:
     """``metrics.jsonl`` always, TensorBoard when ``cfg.use_tensorboard``, W&B when
-    ``cfg.wandb_project`` is set. A sink that cannot start is left out with one warning."""
+    ``cfg.wandb_project`` is set. A sink that cannot start is left out with one warning.
+    ``state``: a resumed run's :meth:`Trackers.state_dict` (W&B then continues its run)."""
     output_dir = Path(output_dir)
     config = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     trackers: list[Tracker] = []
@@ -191,7 +208,13 @@ def build_trackers(cfg, output_dir: Path) -> Trackers:
     if project:
         try:
             trackers.append(
-                WandbTracker(project, getattr(cfg, "wandb_run_name", None), output_dir, config)
+                WandbTracker(
+                    project,
+                    getattr(cfg, "wandb_run_name", None),
+                    output_dir,
+                    config,
+                    (state or {}).get("wandb_run_id"),
+                )
             )
         except ImportError:
             log.warning(
@@ -212,3 +235,17 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a crashed run logged after the checkpoint a resume starts from."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

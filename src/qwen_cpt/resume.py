@@ -1,0 +1,144 @@
+"""Which checkpoint a run resumes from, and the refusals that keep a resume exact.
+
+A resume must keep the fields that fix the blocks and their order (``max_length``, packing,
+``seed``), the data, the architecture, and the global batch, which fixes what a step is:
+``per_device_train_batch_size x gradient_accumulation_steps x processes`` blocks, the next ones
+of the stream. How the global batch is split over processes and micro-batches may change: the
+step's token-weighted loss does not depend on the split, and DCP reshards the state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from .checkpoint import (
+    FORMAT,
+    CheckpointError,
+    latest_valid_checkpoint,
+    refuse_old_layout,
+    verify,
+)
+from .config import AUTO, CPTConfig
+
+log = logging.getLogger("qwen_cpt")
+
+GEOMETRY_FIELDS = (
+    "max_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "document_aware_packing",
+    "seed",
+)
+FIXED_FIELDS = ("max_length", "document_aware_packing", "seed")
+ARCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+AUTO_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint cannot be resumed with this config; the message names both values."""
+
+
+def geometry(cfg: CPTConfig, world_size: int) -> dict:
+    return {**{k: getattr(cfg, k) for k in GEOMETRY_FIELDS}, "world_size": world_size}
+
+
+def find_checkpoint(cfg: CPTConfig, out: Path) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names (verified), or None to start fresh."""
+    spec = cfg.resume_from_checkpoint
+    if spec is None:
+        return None
+    if spec == "auto":
+        path = latest_valid_checkpoint(out)
+        if path is None:
+            log.info("resume_from_checkpoint=auto: no valid checkpoint in %s; starting fresh", out)
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not a directory")
+    refuse_old_layout(path)
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not usable: {problem}")
+    return path
+
+
+def take_auto_fields(cfg: CPTConfig, path: Path) -> None:
+    """``auto`` learning rate / batch fields of a resume come from the checkpoint's config, so
+    the run keeps its geometry even if free memory changed."""
+    saved = CPTConfig.from_yaml(path / "config.yaml")
+    for name in AUTO_FIELDS:
+        if getattr(cfg, name) == AUTO:
+            setattr(cfg, name, getattr(saved, name))
+            log.info("%s: auto -> %s (from %s)", name, getattr(saved, name), path)
+
+
+def check(path: Path, cfg: CPTConfig, world_size: int, model_config, fingerprint: str) -> dict:
+    """Refuse, before training, a resume that could not continue the same run exactly; return
+    the checkpoint's ``trainer_state.json``."""
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        refuse_old_layout(path)
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, not {FORMAT}")
+    problems = []
+    saved, current = state["geometry"], geometry(cfg, world_size)
+    for key in FIXED_FIELDS:
+        if current[key] != saved[key]:
+            problems.append(
+                f"{key}: the checkpoint has {saved[key]!r}, this run has {current[key]!r}"
+            )
+    split = [global_batch(saved), global_batch(current)]
+    if split[0][1] != split[1][1]:
+        problems.append(
+            "global batch (per_device_train_batch_size x gradient_accumulation_steps x "
+            f"processes): the checkpoint has {split[0][0]}, this run has {split[1][0]}"
+        )
+    saved_arch = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    arch = model_config.to_dict()
+    for key in ARCH_FIELDS:
+        if key in saved_arch and saved_arch.get(key) != arch.get(key):
+            problems.append(
+                f"model {key}: the checkpoint has {saved_arch.get(key)!r}, "
+                f"{cfg.model_name_or_path} has {arch.get(key)!r}"
+            )
+    if state["data_fingerprint"] != fingerprint:
+        problems.append(
+            f"training data: the checkpoint was trained on data with fingerprint "
+            f"{state['data_fingerprint']}, this run's data has {fingerprint}"
+        )
+    if problems:
+        raise ResumeError(
+            f"cannot resume exactly from {path}:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nTo continue with new settings, start a new run with model_name_or_path set "
+            f"to {path} (its weights are a Hugging Face model)."
+        )
+    log.info("resuming from %s at step %d", path, state["step"])
+    if split[0][0] != split[1][0]:
+        log.info(
+            "global batch split as %s (the checkpoint: %s): the same blocks per step",
+            split[1][0],
+            split[0][0],
+        )
+    return state
+
+
+def global_batch(geometry: dict) -> tuple[str, int]:
+    """``("2 x 4 x 8 = 64 blocks", 64)``: how a step's blocks are split, and how many."""
+    parts = [
+        geometry["per_device_train_batch_size"],
+        geometry["gradient_accumulation_steps"],
+        geometry["world_size"],
+    ]
+    return " x ".join(map(str, parts)) + f" = {math.prod(parts)} blocks", math.prod(parts)

@@ -1,0 +1,308 @@
+"""What one :meth:`CPTTrainer.train` call builds before its first step: the :class:`Run`.
+
+Order, chosen so that bad input costs nothing: the data (read and checked), the model, the
+resume checks, the kernels, the wrapping for this world, the optimizers and the schedule. No
+file is written here; the trainer prepares ``output_dir`` once everything is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from . import resume
+from .autotune import choose_kernels
+from .checkpoint import CheckpointManager
+from .config import CPTConfig
+from .distributed import World
+from .evaluate import Evaluator
+from .kernels import enable_liger
+from .loss import lm_loss_sum, supports_chunked_loss
+from .model import (
+    ModelLoadError,
+    build_model_skeleton,
+    check_vocab,
+    count_parameters,
+    enable_activation_checkpointing,
+    load_model,
+    load_tokenizer,
+)
+from .optim import Optimizers, build_optimizers
+from .perf import FlopsMeter, compile_decoder_layers
+from .schedule import Schedule, warmup_steps_for
+from .state import RNGState
+from .tracking import Trackers
+
+log = logging.getLogger("qwen_cpt")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one ``train()`` call uses; nothing outlives it but files."""
+
+    world: World
+    runtime: object
+    out: Path
+    model: torch.nn.Module
+    data: D.Mixture
+    evaluator: Evaluator
+    loss_module: torch.nn.Module  # the model plus its loss, wrapped for this world
+    optimizers: Optimizers
+    schedule: Schedule
+    checkpoints: CheckpointManager
+    rng: RNGState
+    flops: FlopsMeter
+    steps_per_epoch: int
+    sync_every: bool  # sharded: reduce-scatter after every micro-batch
+    trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers([]))
+    tracker_state: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.schedule.shape["total_steps"]
+
+
+def open_data(cfg: CPTConfig, train_specs, eval_specs):
+    """``(tokenizer, training mixture, eval sets, training blocks per epoch)``; the data is read
+    (and every record checked) before any model loads."""
+    tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    tokenizer = load_tokenizer(tok_path, cfg.trust_remote_code)
+    local_tok = tok_path if Path(tok_path).is_dir() else None
+    streams = {s.name: D.open_stream(s, tokenizer, cfg, local_tok, True) for s in train_specs}
+    data = D.Mixture(streams, {s.name: s.weight for s in train_specs})
+    try:
+        blocks_per_epoch = _blocks_per_epoch(data)
+        eval_sets = {
+            s.name: D.one_epoch(D.open_stream(s, tokenizer, cfg, None, train=False))
+            for s in eval_specs
+        }
+    except BaseException:
+        data.close()
+        raise
+    return tokenizer, data, eval_sets, blocks_per_epoch
+
+
+def build_run(
+    cfg: CPTConfig, world: World, runtime, out: Path, tokenizer, data, eval_sets, blocks, path
+) -> Run:
+    """Load and wrap the model, check a resume from ``path`` (None: a fresh run), build the
+    optimizers, schedule and checkpoint manager. The checkpoint's state is loaded later."""
+    cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
+    model = world.load_model(  # sharded: rank 0 reads the weights, the others build on meta
+        lambda: load_model(cfg.model_name_or_path, cpu if world.sharded else runtime,
+                           cfg.trust_remote_code, "auto" if world.sharded else torch.float32),
+        lambda: build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code),
+        f"loading {cfg.model_name_or_path}", ModelLoadError,
+    )  # fmt: skip
+    check_vocab(tokenizer, model, cfg.model_name_or_path)
+    if path is not None:
+        resume.take_auto_fields(cfg, path)
+        resume.check(path, cfg, world.size, model.config, data.identity())
+    else:
+        _resolve_auto(cfg, model, world, runtime, blocks)
+    # Liger's kernels (CUDA, when installed and checked) before checkpointing and compile wrap
+    fused_ce = enable_liger(model, runtime.device) if cfg.use_liger_kernel else None
+    if not world.all_ok(fused_ce is not None):
+        fused_ce = None  # one loss on every rank
+    if cfg.use_gradient_checkpointing:
+        enable_activation_checkpointing(model, cfg.gradient_checkpointing_every_n_layers)
+    # attention and compile: as configured, or measured on this GPU (qwen_cpt.autotune)
+    first = functools.partial(_first_position_ids, cfg, data, world)
+    if choose_kernels(model, cfg, runtime, first, world)[1]:
+        compile_decoder_layers(model)
+    chunked = cfg.use_fused_loss and supports_chunked_loss(model)
+    if cfg.use_fused_loss and not chunked:
+        log.info("loss: plain HF logits (chunked loss supports %s)", model.config.model_type)
+    loss_fn = functools.partial(
+        lm_loss_sum, chunked=chunked, chunk_size=cfg.loss_chunk_size,
+        fused_ce=fused_ce if chunked else None,
+    )  # fmt: skip
+    sync_every = _choose_gradient_sync(cfg, model, world, runtime)
+    bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype is not None
+    loss_module = world.parallelize(model, loss_fn, bf16_params=bf16)
+    optimizers = build_optimizers(model, cfg, sharded=world.sharded, ns_device=runtime.device)
+    per_step = cfg.per_device_train_batch_size * world.size * cfg.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(blocks / per_step))
+    total = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    )
+    warmup = warmup_steps_for(total, cfg.warmup_ratio)
+    return Run(
+        world, runtime, out, model, data,
+        Evaluator(eval_sets, cfg.per_device_eval_batch_size, world, runtime), loss_module,
+        optimizers, Schedule(total, warmup, cfg.lr_scheduler_type, cfg.min_lr_ratio, cfg.wsd_decay_ratio),
+        CheckpointManager(out, world, keep=cfg.save_total_limit, use_async=cfg.async_checkpoint),
+        RNGState(runtime.device), FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops),
+        steps_per_epoch, sync_every,
+    )  # fmt: skip
+
+
+def _resolve_auto(cfg: CPTConfig, model, world: World, runtime, blocks: int) -> None:
+    """Replace ``auto`` learning rate / batch fields with the planner's values, logged."""
+    from .planner import resolve_auto
+
+    chosen = world.on_main(  # on rank 0 (which holds the real weights), for the device
+        lambda: resolve_auto(
+            cfg, model, blocks * cfg.max_length, world_size=world.size,
+            device_memory_gb=_device_memory_gb(runtime.device), device=runtime.device.type,
+        )
+    )  # fmt: skip
+    for name, (value, rule) in chosen.items():
+        setattr(cfg, name, value)
+        log.info("%s: auto -> %s (%s)", name, value, rule)
+    if chosen:
+        cfg.validate()
+
+
+def _choose_gradient_sync(cfg: CPTConfig, model, world: World, runtime) -> bool:
+    """Sharded: True reduce-scatters after every micro-batch, False on the last one only."""
+    if not world.sharded or cfg.gradient_accumulation_steps == 1:
+        return False
+    if cfg.fsdp_cpu_offload:
+        sync, why = True, "after every micro-batch (fsdp_cpu_offload)"
+    elif cfg.fsdp_sync_every_micro_batch is not None:
+        sync = cfg.fsdp_sync_every_micro_batch
+        why = f"{'after every' if sync else 'on the last'} micro-batch (config)"
+    elif runtime.device.type != "cuda":
+        sync, why = False, "on the last micro-batch only"
+    else:
+        from .planner import sync_every_micro_batch
+
+        memory = _device_memory_gb(runtime.device)
+        sync, why = world.on_main(lambda: sync_every_micro_batch(cfg, model, world.size, memory))
+    log.info("gradients: reduce-scattered %s", why)
+    return sync
+
+
+def _first_position_ids(cfg: CPTConfig, data: D.Mixture, world: World) -> torch.Tensor:
+    """``position_ids`` of the first micro-batch a rank trains on (the data position is put
+    back): the document boundaries the attention choice is measured with."""
+    bs = cfg.per_device_train_batch_size
+    state = data.state_dict()
+    micro = D.collate([data.next_block() for _ in range(bs * world.size)])
+    data.load_state_dict(state)
+    return world.this_ranks_part(micro, bs)["position_ids"]
+
+
+def _blocks_per_epoch(data: D.Mixture) -> int:
+    """Training blocks in one epoch of the first source, scaled up by the others' share.
+
+    In-memory texts, caches and files up to 16 MB are counted exactly by reading them once,
+    which also checks every record before the model loads. Larger inputs are estimated from
+    file sizes and a 1 MB sample; set max_steps to fix the length of such a run exactly.
+    """
+    primary = data.primary
+    if not hasattr(primary, "estimate_blocks") or primary.source.total_bytes() <= 16 << 20:
+        n = primary.count_blocks()
+    else:
+        n = primary.estimate_blocks()
+        log.info(
+            "data: about %s blocks per epoch in %s (estimated from file sizes; set max_steps "
+            "for an exact run length)",
+            f"{n:,}",
+            primary.name,
+        )
+    for stream in data.streams.values():  # the first records of every source must be usable
+        initial = stream.state_dict()
+        stream.next_block()
+        stream.load_state_dict(initial)
+    return max(1, math.ceil(n / data.shares[primary.name]))
+
+
+def _device_memory_gb(device: torch.device) -> float | None:
+    """The GPU's total memory in GiB (None on a CPU: the planner then reads free RAM)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+# --- what a person reads at the start and the end ---------------------------------------------------
+
+
+def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
+    data, rt, world = run.data, run.runtime, run.world
+    raw = [name for name, s in data.streams.items() if isinstance(s, D.BlockStream)]
+    if world.size > 1 and raw:
+        log.info(
+            "data: each of the %d ranks reads the whole stream and keeps its slice, so %s is "
+            "tokenized on every rank; `qwen-cpt prepare` tokenizes it once into a cache",
+            world.size, ", ".join(raw),
+        )  # fmt: skip
+    total_params, non_emb = count_parameters(run.model)
+    precision = (
+        str(rt.autocast_dtype).replace("torch.", "autocast ") if rt.autocast_dtype else "fp32"
+    )
+    log.info(
+        "model: %s (%s parameters, %s non-embedding) on %s, %s", cfg.model_name_or_path,
+        f"{total_params:,}", f"{non_emb:,}", rt.device, precision,
+    )  # fmt: skip
+    log.info(
+        "data: %s blocks of %d tokens per epoch (%s), eval sets %s; %d steps (%d per epoch, "
+        "%d warmup), global batch %d x %d tokens",
+        f"{blocks:,}", cfg.max_length, ", ".join(f"{k} {v:.0%}" for k, v in data.shares.items()),
+        {k: len(v) for k, v in run.evaluator.eval_sets.items()} or "none",
+        run.total, run.steps_per_epoch, run.schedule.shape["warmup_steps"],
+        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size,
+        cfg.max_length,
+    )  # fmt: skip
+
+
+def log_done(run: Run, state) -> None:
+    data = run.data
+    if len(data.streams) > 1:
+        achieved = data.achieved_shares().items()
+        log.info(
+            "data mix achieved: %s",
+            ", ".join(f"{k} {v:.2%} (target {data.shares[k]:.2%})" for k, v in achieved),
+        )
+    skipped = sum(getattr(s.source, "skipped", 0) for s in data.streams.values())
+    if skipped and run.world.is_main:
+        log.warning("skip_bad_records: skipped %d malformed records", skipped)
+    if run.world.is_main:
+        try:  # a finished run never fails on its report
+            from .report import write_report
+
+            log.info("report: %s", write_report([run.out]))
+        except Exception as exc:
+            log.warning("could not write report.html: %s", exc)
+    log.info(
+        "done: %d steps, %s tokens, average loss %.4f; final model in %s",
+        state.step, f"{state.tokens_seen:,}", state.avg_loss, run.out / "final",
+    )  # fmt: skip
+
+
+# --- inputs checked before anything else ------------------------------------------------------------
+
+
+def check_texts(texts, what: str) -> list[str] | None:
+    if texts is None:
+        return None
+    if isinstance(texts, str):
+        raise D.DataError(f"{what}: expected a list of texts, got a single string")
+    if type(texts).__module__.startswith("datasets"):  # a datasets (Iterable)Dataset streams as is
+        return texts
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise D.DataError(f"{what}[{i}]: expected a string, got {type(t).__name__}")
+    if what == "train_texts" and not any(t.strip() for t in texts):
+        raise D.DataError(f"{what}: the list is empty or holds only blank texts")
+    return texts
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training if ``out`` cannot be created or written (without creating it)."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OSError(f"output_dir: {str(probe)!r} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir: {str(out)!r} is not writable (checked {str(probe)!r})")
