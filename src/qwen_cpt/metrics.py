@@ -5,7 +5,8 @@ describes one exact name (``loss``) or one family of names, given by its prefix 
 (``eval_loss/`` covers ``eval_loss/<source>``). The run report (:mod:`qwen_cpt.report`) takes its
 labels, units and the chart or table each metric goes in from here, so a metric the trainer starts
 logging is added here once and shows up in every report. The guide (docs/guide.en.md) says what
-the metrics mean under torchrun; docs/design.md (Throughput anchors and MFU) how MFU is measured.
+the metrics mean under torchrun; (docs/design.md, "Throughput anchors and MFU") how MFU is
+measured.
 This module is a leaf: it imports nothing from qwen_cpt.
 """
 

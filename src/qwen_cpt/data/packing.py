@@ -4,7 +4,7 @@
 eos and cut into ``max_length`` blocks. ``position_ids`` restart at 0 at each document start,
 so with ``attention_mask=None`` and ``use_cache=False`` transformers builds a block-causal mask
 (sdpa/eager/flex) or takes the varlen path (flash_attention_2): no token attends across a
-document boundary (docs/design.md). A document's first token is not a target inside a
+document boundary (docs/design.md, "Packing and document boundaries"). A document's first token is not a target inside a
 block, since predicting it would need exactly that cross-document context. The tail that does
 not fill a block is padded with eos and masked out of the loss; being last in a causal block,
 the padding never influences a real token.

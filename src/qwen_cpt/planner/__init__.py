@@ -5,7 +5,7 @@ hardware, so ``qwen-cpt plan`` works offline and in milliseconds. The same funct
 ``learning_rate: auto``, ``per_device_train_batch_size: auto`` and
 ``gradient_accumulation_steps: auto`` for the trainer (:func:`resolve_auto`).
 
-Modules, each citing its sources (see docs/design.md):
+Modules, each citing its sources:
 - :mod:`.shapes`: model shapes and parameter counts;
 - :mod:`.flops`: training FLOPs per token (torchtitan's convention, DeepSeek's M);
 - :mod:`.rules`: learning-rate and batch rules (Step Law, DeepSeek LLM, the CPT default);

@@ -1,6 +1,6 @@
 """Training FLOPs per token.
 
-Sources (see docs/design.md):
+Sources (docs/design.md, "Throughput anchors and MFU"):
 - torchtitan's FLOP count: 6 * N_matmul + 6 * L * H * (d_qk + d_v) * S per trained token.
 - DeepSeek LLM, 2024 (arXiv 2401.02954): its non-embedding M, for the compute budget C = M * D.
 """

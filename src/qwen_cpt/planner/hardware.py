@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from .base import PlannerError, _positive
 
-# torchtitan Llama-3.1-8B on H100 with torch.compile: about 39% MFU (docs/design.md)
+# torchtitan Llama-3.1-8B on H100 with torch.compile: about 39% MFU
+# (docs/design.md, "Throughput anchors and MFU")
 DEFAULT_MFU = 0.4
 
 

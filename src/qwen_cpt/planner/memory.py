@@ -1,6 +1,6 @@
 """Memory per device of one training step: the estimate, by component, and its peak.
 
-Sources (see docs/design.md):
+Sources (docs/design.md, "Memory arithmetic"):
 - Korthikanti et al. 2022 (arXiv 2205.05198): activation memory per layer and selective
   recomputation.
 - Memory figures are derived from what PyTorch autograd keeps for this trainer (fp32 master
@@ -134,7 +134,7 @@ def logits_bytes(
     ``[tokens x vocab]`` tensors coexist, the log-probabilities cross-entropy saved, their
     gradient and the logits' gradient (in the forward, the bf16 logits, their fp32 copy and the
     log-probabilities, which is not more): 12 B per token and vocabulary entry, so the 0.29 GiB
-    of bf16 logits per 1k tokens (docs/design.md) becomes 1.7 GiB.
+    of bf16 logits per 1k tokens (docs/design.md, "Memory arithmetic") becomes 1.7 GiB.
 
     Fused chunked loss (``use_fused_loss``, Liger-Kernel's FusedLinearCrossEntropy): one fp32
     ``[chunk x vocab]`` buffer turned into its own gradient in place (4 B), plus the head's fp32

@@ -1,6 +1,6 @@
 """Learning-rate and batch-size rules.
 
-Sources (see docs/design.md):
+Sources (docs/design.md, "Learning rate and batch size"):
 - Step Law, Li et al. 2025 (arXiv 2503.04715): lr and batch from N (non-embedding) and D (tokens),
   fitted on AdamW training *from scratch*.
 - DeepSeek LLM, 2024 (arXiv 2401.02954): lr and batch from the compute budget C.

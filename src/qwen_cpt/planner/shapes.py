@@ -86,7 +86,7 @@ def _qwen25(h: int, inter: int, layers: int, heads: int, kv: int, vocab: int, ti
     return ModelShape(h, inter, layers, heads, kv, vocab, tied, h // heads, qkv_bias=True)
 
 
-# From the models' published config.json files (docs/design.md); 72B from its config.json.
+# From the models' published config.json files (docs/design.md, "Qwen2.5 shapes and tokenizer ids"); 72B from its config.json.
 QWEN25_SHAPES: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-0.5B": _qwen25(896, 4864, 24, 14, 2, 151936, True),
     "Qwen/Qwen2.5-1.5B": _qwen25(1536, 8960, 28, 12, 2, 151936, True),
