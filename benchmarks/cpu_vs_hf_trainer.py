@@ -3,6 +3,10 @@
     .venv/bin/pip install -e ".[bench]"                      # accelerate, for transformers.Trainer
     .venv/bin/python benchmarks/cpu_vs_hf_trainer.py         # seq 2048 and 512, about 5-6 minutes
     .venv/bin/python benchmarks/cpu_vs_hf_trainer.py --seq 2048 --steps 3
+    .venv/bin/python benchmarks/cpu_vs_hf_trainer.py --baseline /tmp/old/src  # ours before/after
+
+``--baseline SRC`` compares this checkout's CPTTrainer with the one in another source tree (e.g.
+``git worktree add /tmp/old <commit>``; pass its ``src``) instead of with transformers.Trainer.
 
 Same model, same text, same tokens per step, same optimizer family, each trainer in its own
 fresh subprocess (so the peak RSS of one never counts for the other):
@@ -82,8 +86,13 @@ class StepClock:
 
 
 def child_ours(a: dict) -> dict:
-    import qwen_cpt.trainer as trainer_mod
+    import importlib.util
+
     from qwen_cpt import CPTConfig, CPTTrainer
+
+    # the module that calls load_model: qwen_cpt.run since 0.2, qwen_cpt.trainer before
+    name = "qwen_cpt.run" if importlib.util.find_spec("qwen_cpt.run") else "qwen_cpt.trainer"
+    trainer_mod = importlib.import_module(name)
 
     texts = _texts(a["seq"] * a["batch"] * (a["steps"] + 1))
     measured = {}
@@ -179,11 +188,15 @@ def child_hf(a: dict) -> dict:
 def run_child(which: str, a: dict, timeout: float) -> dict:
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    env = dict(os.environ)
+    if which == "base":  # the same child, importing qwen_cpt from the baseline source tree
+        env["PYTHONPATH"] = a["baseline"]
     proc = subprocess.run(
         [sys.executable, __file__, "--child", which, json.dumps(a)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{which} child failed:\n{proc.stderr[-4000:]}")
@@ -210,20 +223,23 @@ def main() -> int:
         default=2,
         help="runs of each trainer, alternating ours/HF; the fastest of each is compared",
     )
+    ap.add_argument("--baseline", help="compare with the CPTTrainer of this source tree, not HF")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         which, payload = args.child
-        res = (child_ours if which == "ours" else child_hf)(json.loads(payload))
+        res = (child_hf if which == "hf" else child_ours)(json.loads(payload))
         print(json.dumps(res))
         return 0
 
+    other = "base" if args.baseline else "hf"
     try:
         import accelerate  # noqa: F401
     except ImportError:
-        sys.exit('transformers.Trainer needs accelerate: pip install -e ".[bench]"')
+        if other == "hf":
+            sys.exit('transformers.Trainer needs accelerate: pip install -e ".[bench]"')
     import torch
     import transformers
 
@@ -240,8 +256,9 @@ def main() -> int:
         for seq in args.seq:
             batch = max(1, args.tokens_per_step // seq)
             res: dict[str, dict] = {}
-            for rep, which in enumerate(["ours", "hf"] * args.repeats):
+            for rep, which in enumerate(["ours", other] * args.repeats):
                 a = dict(
+                    baseline=args.baseline,
                     model_dir=model_dir,
                     out_dir=str(Path(tmp) / f"{which}-{seq}-{rep}"),
                     seq=seq,
@@ -267,13 +284,14 @@ def main() -> int:
                 )
             rows.append((seq, batch, res))
 
+    them = "before" if args.baseline else "HF"
     print(
-        "\n| seq x batch | ours tok/s | HF tok/s | ours/HF throughput | ours peak RSS | HF peak "
-        "RSS | RSS ratio | ours peak-baseline | HF peak-baseline | ratio |"
+        f"\n| seq x batch | ours tok/s | {them} tok/s | ours/{them} throughput | ours peak RSS | "
+        f"{them} peak RSS | RSS ratio | ours peak-baseline | {them} peak-baseline | ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq, batch, res in rows:
-        o, h = res["ours"], res["hf"]
+        o, h = res["ours"], res[other]
         od, hd = o["peak"] - o["baseline"], h["peak"] - h["baseline"]
         print(
             f"| {seq} x {batch} | {o['tok_s']:.0f} | {h['tok_s']:.0f} | "

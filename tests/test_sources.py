@@ -98,3 +98,48 @@ def test_every_cited_section_is_a_heading_of_the_design_note():
         f"sections not among the ## headings of docs/design.md ({sorted(headings)}):\n"
         + "\n".join(missing)
     )
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``module -> qwen_cpt modules it imports`` (also inside functions), from the source."""
+    import ast
+
+    root = REPO / "src" / "qwen_cpt"
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for t in targets:  # a package's own __init__ is not an import "back"
+                if t in files and t != name and not name.startswith(t + "."):
+                    graph[name].add(t)
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = _import_graph()
+    assert "qwen_cpt.run" in graph["qwen_cpt.trainer"]  # the graph sees imports
+    assert "qwen_cpt.checkpoint" in graph["qwen_cpt.distributed"]  # ... also inside functions
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start] - seen:
+            seen.add(nxt)
+            if nxt == goal or reaches(nxt, goal, seen):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
