@@ -237,11 +237,13 @@ def _max_logit_diff(a: Path, b: Path) -> float:
 
 def test_resume_on_another_number_of_processes(tiny_qwen, tmp_path):
     """A 2-process checkpoint continues on one plain process with the same global batch (one
-    checkpoint format for every world size: DCP reshards the model and optimizer state)."""
+    checkpoint format for every world size: DCP reshards the model and optimizer state). The
+    2-process run saves in the background (async_checkpoint, on its own gloo group)."""
     data = _write_data(tmp_path)
     kw = dict(use_muon_optimizer=True, max_steps=4, save_steps=2)
     out = tmp_path / "two"
-    res = _train(_cfg(tiny_qwen, out, data, **kw, **DIST), tmp_path, "two")
+    res = _train(_cfg(tiny_qwen, out, data, **kw, **DIST, async_checkpoint=True), tmp_path, "two")
+    assert "checkpoint-2: writing in the background" in res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
     ref = _losses(out)
     ckpt = str(out / "checkpoint-2")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwen_cpt import ConfigError, CPTConfig, CPTTrainer, DataError, ModelLoadError
+from qwen_cpt import ConfigError, CPTConfig, CPTTrainer, DataError, ModelLoadError, TrainingError
 
 from .conftest import SAMPLE_TEXTS
 
@@ -121,6 +121,15 @@ def test_run_leaves_the_promised_files_and_metrics(tiny_qwen, tmp_path):
     assert ids.tolist() == [[9707, 11, 1879, 0]]
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), trainer.model.named_parameters()):
         assert n1 == n2 and torch.equal(p1.detach(), p2.detach().cpu())
+
+    # a second train() on the same trainer never writes over the finished run
+    before = {p: p.read_bytes() for p in (out / "final").iterdir()}
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError, match="has finished its run .*final model in") as err:
+        trainer.train(SAMPLE_TEXTS[:3])
+    assert "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in (out / "final").iterdir()} == before
+    assert (out / "metrics.jsonl").read_text() == metrics
 
 
 def test_llama_architecture_trains(tiny_llama, tmp_path):

@@ -308,12 +308,13 @@ class CheckpointManager:
         self.checksums = True  # benchmarks/checkpoint_stall.py turns it off to measure its cost
         self._pending: tuple[Path, list[Future], threading.Thread | None] | None = None
         self._error: BaseException | None = None
-        # async saves coordinate on their own gloo group, apart from training's collectives
-        self._pg = None
+        # Async saves coordinate on gloo groups of their own, apart from training's collectives:
+        # one for the weights' save and one for the state's, whose threads run side by side.
+        self._groups = (None, None)
         if use_async and world.sharded:
             import torch.distributed as dist
 
-            self._pg = dist.new_group(backend="gloo")
+            self._groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
 
     # --- saving ----------------------------------------------------------------------------------
     def save(
@@ -352,9 +353,13 @@ class CheckpointManager:
 
         def write() -> None:
             if use_async:
-                kw = {"process_group": self._pg} if world.sharded else {"no_dist": True}
-                futures.append(dcp.async_save(model_sd, storage_writer=writer, **kw))
-                futures.append(dcp.async_save(state_sd, checkpoint_id=str(tmp / STATE_DIR), **kw))
+                kw = [
+                    {"process_group": g} if world.sharded else {"no_dist": True}
+                    for g in self._groups
+                ]
+                futures.append(dcp.async_save(model_sd, storage_writer=writer, **kw[0]))
+                state_dir = str(tmp / STATE_DIR)
+                futures.append(dcp.async_save(state_sd, checkpoint_id=state_dir, **kw[1]))
             else:
                 kw = {"no_dist": not world.sharded}
                 dcp.save(model_sd, storage_writer=writer, **kw)
