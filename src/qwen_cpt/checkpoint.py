@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -63,6 +64,8 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 _FAILURES = _failures()
+# One plain process saves and loads with DCP's no_dist on purpose; DCP warns of it every time.
+warnings.filterwarnings("ignore", "torch.distributed is (disabled, )?unavailable or uninitialized")
 
 
 # --- integrity --------------------------------------------------------------------------------------
@@ -406,9 +409,15 @@ class CheckpointManager:
         log.info("saved %s", target)
 
     def _commit_when_done(self, tmp: Path, target: Path, futures: list[Future]) -> None:
-        try:
-            for f in futures:
+        error = None
+        for f in futures:  # every write must be over before the folder is removed or renamed
+            try:
                 f.result()
+            except _FAILURES as exc:
+                error = error or exc
+        try:
+            if error is not None:
+                raise error
             self._commit(tmp, target)
         except _FAILURES as exc:  # raised in the training thread by wait()
             shutil.rmtree(tmp, ignore_errors=True)
