@@ -80,7 +80,7 @@ def test_the_fastest_exact_kernel_wins(probe, caplog):
 
 
 class _OtherRank:
-    """A stand-in DistContext: another rank measured ``theirs`` and passed ``their_ok``."""
+    """A stand-in for the trainer's World: another rank measured ``theirs`` and passed ``their_ok``."""
 
     def __init__(self, theirs, their_ok=True):
         self.theirs, self.their_ok = list(theirs), their_ok

@@ -133,11 +133,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def process_group(self):
-        """The default process group, or None for one plain process (DCP then saves alone)."""
-        return dist.group.WORLD if self.sharded else None
-
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
