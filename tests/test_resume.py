@@ -212,11 +212,11 @@ sys.exit(main(["train", sys.argv[1]]))
 """
 
 
-def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tiny_qwen, tmp_path):
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(
+    tiny_qwen, tmp_path, straight_muon
+):
     data = _write_data(tmp_path)
-    kw = dict(use_muon_optimizer=True, max_steps=8, save_steps=2)
-    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
-    ref = _losses(tmp_path / "straight")
+    kw, ref = straight_muon
 
     out = tmp_path / "killed"
     cfg = _cfg(tiny_qwen, out, data, async_checkpoint=True, resume_from_checkpoint="auto", **kw)
@@ -238,12 +238,12 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tiny_qwen, t
     assert (out / ".tmp-checkpoint-4").is_dir() and not (out / "checkpoint-4").exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert verify(out / "checkpoint-2") is None  # the previous checkpoint is whole
+    assert verify(out / "checkpoint-3") is None  # the previous checkpoint is whole
     res = _cli(cfg, tmp_path, "killed")
     assert res.returncode == 0, res.stderr
-    assert f"resuming from {out / 'checkpoint-2'} at step 2" in res.stderr
+    assert f"resuming from {out / 'checkpoint-3'} at step 3" in res.stderr
     got = _losses(out)
-    assert [got[s] for s in range(1, 9)] == [ref[s] for s in range(1, 9)]
+    assert [got[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]
     assert not list(out.glob(".tmp-*"))
 
 
@@ -261,11 +261,19 @@ def test_old_layout_checkpoints_are_refused_with_a_message(tiny_qwen, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-5"]
 
 
-def test_sigkill_then_auto_resume_matches_a_straight_run(tiny_qwen, tmp_path):
-    data = _write_data(tmp_path)
+@pytest.fixture(scope="module")
+def straight_muon(tiny_qwen, tmp_path_factory):
+    """``(config fields, per-step losses)`` of a straight 12-step Muon run saving every step:
+    the reference of the kill-and-resume tests."""
+    tmp = tmp_path_factory.mktemp("straight")
     kw = dict(use_muon_optimizer=True, max_steps=12, save_steps=1)
-    CPTTrainer(_cfg(tiny_qwen, tmp_path / "straight", data, **kw)).train()
-    ref = _losses(tmp_path / "straight")
+    CPTTrainer(_cfg(tiny_qwen, tmp / "out", _write_data(tmp), **kw)).train()
+    return kw, _losses(tmp / "out")
+
+
+def test_sigkill_then_auto_resume_matches_a_straight_run(tiny_qwen, tmp_path, straight_muon):
+    data = _write_data(tmp_path)
+    kw, ref = straight_muon
 
     out = tmp_path / "killed"
     cfg = _cfg(tiny_qwen, out, data, resume_from_checkpoint="auto", **kw)
