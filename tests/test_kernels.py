@@ -126,3 +126,19 @@ def test_loss_through_a_fused_ce_equals_the_chunked_loss(tiny_qwen, autocast):
     tol = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, ref, **tol)
     torch.testing.assert_close(got_grad, ref_grad, **tol)
+
+
+def test_the_start_up_check_leaves_the_runs_random_state_alone(tiny_qwen):
+    """The check builds a seeded one-layer model; the run's global RNG must not be re-seeded by
+    it (it was: torch.manual_seed(0) after the run's seed)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    small = kernels._one_layer_like(model)
+    assert torch.equal(torch.rand(3), expected)
+    again = kernels._one_layer_like(model)  # and it is the same small model every time
+    for a, b in zip(small.parameters(), again.parameters()):
+        assert torch.equal(a, b)

@@ -113,3 +113,28 @@ def test_muon_refuses_a_model_with_no_matrices(tiny_qwen):
             p.requires_grad_(False)
     with pytest.raises(OptimizerSetupError, match="no parameter qualifies for Muon"):
         split_parameters(model, use_muon=True)
+
+
+def test_muon_never_gets_a_table_or_a_head(tmp_path):
+    """Muon is for hidden matrices only: every nn.Embedding (learned positions too) and every
+    head goes to AdamW, also when untied or when get_output_embeddings does not return it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qwen_cpt import make_tiny_model
+
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=300, n_positions=64)
+    )
+    muon = {n for n, _ in split_parameters(gpt2, use_muon=True).muon}
+    assert "transformer.wpe.weight" not in muon and "transformer.wte.weight" not in muon
+    assert muon and all(".h." in n for n in muon)
+
+    untied = AutoModelForCausalLM.from_pretrained(
+        make_tiny_model(tmp_path / "untied", hidden_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, intermediate_size=64, tie_word_embeddings=False)
+    )  # fmt: skip
+    untied.get_output_embeddings = lambda: None  # a model that does not say which is its head
+    split = split_parameters(untied, use_muon=True)
+    adam = {n for n, _ in split.adamw_decay}
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= adam
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & {n for n, _ in split.muon}

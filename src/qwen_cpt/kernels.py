@@ -153,8 +153,9 @@ def _one_layer_like(model):
         bos_token_id=None,
         eos_token_id=None,
     )
-    torch.manual_seed(0)
-    return type(model)(type(model.config)(**settings)).float()
+    with torch.random.fork_rng(devices=[]):  # seeded, but the run's own RNG stays as it was
+        torch.manual_seed(0)
+        return type(model)(type(model.config)(**settings)).float()
 
 
 def _logits_and_grads(model, device: torch.device) -> list[torch.Tensor]:

@@ -34,12 +34,29 @@ class ParamSplit:
         return sum(p.numel() for _, p in named)
 
 
-def split_parameters(model, use_muon: bool) -> ParamSplit:
-    """Route each trainable parameter (tied weights once) to its optimizer group."""
-    table_ids = {id(model.get_input_embeddings().weight)}
+def _tables(model) -> set[int]:
+    """Parameters that are lookup or readout tables, not hidden matrices: every
+    ``nn.Embedding`` (tokens, learned positions, token types), the input and output embeddings
+    however a model implements them, and every ``lm_head``-like readout."""
+    ids = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
-        table_ids.add(id(head.weight))
+        ids.add(id(head.weight))
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) or leaf in READOUT_NAMES:
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
+# Readout heads by module name, for a model whose get_output_embeddings does not return them
+# (GPT-NeoX calls its head embed_out)
+READOUT_NAMES = ("lm_head", "embed_out")
+
+
+def split_parameters(model, use_muon: bool) -> ParamSplit:
+    """Route each trainable parameter (tied weights once) to its optimizer group."""
+    table_ids = _tables(model)
     split = ParamSplit()
     for name, p in model.named_parameters():  # yields a tied parameter once
         if not p.requires_grad:
