@@ -366,7 +366,9 @@ def test_resume_may_split_the_same_global_batch_differently(tiny_qwen, tmp_path)
 def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
     data = _write_data(tmp_path)
     out = tmp_path / "out"
-    CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=1, save_steps=1)).train()
+    CPTTrainer(
+        _cfg(tiny_qwen, out, data, max_steps=1, save_steps=1, use_muon_optimizer=True)
+    ).train()
     ck = out / "checkpoint-1"
     with pytest.raises(ResumeError, match="max_length: the checkpoint has 24, this run has 32"):
         CPTTrainer(
@@ -391,6 +393,19 @@ def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
                 data,
                 max_steps=2,
                 gradient_accumulation_steps=4,
+                resume_from_checkpoint=str(ck),
+            )
+        ).train()
+    with pytest.raises(
+        ResumeError, match="use_muon_optimizer: the checkpoint has True, this run has False"
+    ):
+        CPTTrainer(
+            _cfg(
+                tiny_qwen,
+                tmp_path / "o2",
+                data,
+                max_steps=2,
+                use_muon_optimizer=False,
                 resume_from_checkpoint=str(ck),
             )
         ).train()

@@ -317,3 +317,23 @@ def test_auto_learning_rate_and_batch_train_end_to_end(tiny_qwen, tmp_path):
     assert isinstance(saved["learning_rate"], float) and saved["learning_rate"] > 0
     assert isinstance(saved["per_device_train_batch_size"], int)
     assert isinstance(saved["gradient_accumulation_steps"], int)
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tiny_qwen, tmp_path):
+    import shutil
+
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_qwen, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    cfg = CPTConfig(model_name_or_path=str(short), output_dir=str(tmp_path / "out"), max_length=24)
+    with pytest.raises(ConfigError, match="max_length: 24 is longer than the 16 positions"):
+        CPTTrainer(cfg).train(SAMPLE_TEXTS)
+    assert not (tmp_path / "out").exists()
+    # with RoPE scaling configured for the longer context, it trains
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": config.get("rope_theta", 1e6)}
+    (short / "config.json").write_text(
+        json.dumps({**config, "max_position_embeddings": 16, "rope_parameters": rope})
+    )
+    cfg.max_steps = 1
+    assert math.isfinite(CPTTrainer(cfg).train(SAMPLE_TEXTS))

@@ -31,8 +31,10 @@ GEOMETRY_FIELDS = (
     "gradient_accumulation_steps",
     "document_aware_packing",
     "seed",
+    "use_muon_optimizer",
 )
-FIXED_FIELDS = ("max_length", "document_aware_packing", "seed")
+# a changed optimizer has other state to resume: Muon+AdamW or AdamW alone
+FIXED_FIELDS = ("max_length", "document_aware_packing", "seed", "use_muon_optimizer")
 ARCH_FIELDS = (
     "model_type",
     "hidden_size",
@@ -94,7 +96,7 @@ def check(path: Path, cfg: CPTConfig, world_size: int, model_config, fingerprint
     problems = []
     saved, current = state["geometry"], geometry(cfg, world_size)
     for key in FIXED_FIELDS:
-        if current[key] != saved[key]:
+        if current[key] != saved.get(key, current[key]):
             problems.append(
                 f"{key}: the checkpoint has {saved[key]!r}, this run has {current[key]!r}"
             )

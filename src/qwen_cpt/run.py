@@ -20,7 +20,7 @@ from . import data as D
 from . import resume
 from .autotune import choose_kernels
 from .checkpoint import CheckpointManager
-from .config import CPTConfig
+from .config import ConfigError, CPTConfig
 from .distributed import World
 from .evaluate import Evaluator
 from .kernels import enable_liger
@@ -102,6 +102,7 @@ def build_run(
         f"loading {cfg.model_name_or_path}", ModelLoadError,
     )  # fmt: skip
     check_vocab(tokenizer, model, cfg.model_name_or_path)
+    check_context_length(cfg, model.config)
     if path is not None:
         resume.take_auto_fields(cfg, path)
         resume.check(path, cfg, world.size, model.config, data.identity())
@@ -142,6 +143,24 @@ def build_run(
         RNGState(runtime.device), FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops),
         steps_per_epoch, sync_every,
     )  # fmt: skip
+
+
+def check_context_length(cfg: CPTConfig, model_config) -> None:
+    """Refuse ``max_length`` above the positions the model was trained for, unless its config
+    scales RoPE for longer contexts (``rope_type`` other than ``default``, e.g. yarn)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    rope = getattr(model_config, "rope_parameters", None) or getattr(
+        model_config, "rope_scaling", None
+    )
+    kind = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+    if limit and cfg.max_length > limit and kind == "default":
+        raise ConfigError(
+            [
+                f"max_length: {cfg.max_length} is longer than the {limit} positions "
+                f"{cfg.model_name_or_path} has (max_position_embeddings); lower max_length, or "
+                "set RoPE scaling (rope_scaling, e.g. yarn) in the model's config.json"
+            ]
+        )
 
 
 def _resolve_auto(cfg: CPTConfig, model, world: World, runtime, blocks: int) -> None:
