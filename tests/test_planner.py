@@ -655,3 +655,18 @@ def test_plan_memory_follows_the_attention_that_will_run(tmp_path, capsys):
     assert plans["flex"]["notes"][0] == "memory assumes flex_attention, with no dense mask"
     assert plans["sdpa"]["notes"][0] == "memory assumes SDPA with the packed block-causal mask"
     assert plans["auto+flash"]["notes"][0].startswith("memory assumes flash_attention_2")
+
+
+def test_auto_batch_for_a_short_run_says_it_takes_one_block():
+    """A few max_steps give a Step-Law batch below one block; the rule says what it does
+    instead of "-> 1 tokens per step"."""
+    cfg = CPTConfig(
+        model_name_or_path="m", max_length=256, max_steps=4,
+        per_device_train_batch_size="auto", gradient_accumulation_steps="auto",
+    )  # fmt: skip
+    out = resolve_auto(cfg, _qwen2_config_dict(SMALL), n_train_tokens=10**6, device_memory_gb=8)
+    assert (out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]) == (1, 1)
+    assert (
+        "less than one block of 256 tokens per process: one block each"
+        in (out["per_device_train_batch_size"][1])
+    )

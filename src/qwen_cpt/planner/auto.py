@@ -42,6 +42,8 @@ def _choose_batch(
         target = batch_step_law(trained)
         rule = f"Step Law 0.58*D^0.571, D = {trained:.3g} tokens"
     rule += f" -> {target:,.0f} tokens per step"
+    if target < cfg.max_length * world:  # a step cannot take less than one block per process
+        rule += f", less than one block of {cfg.max_length} tokens per process: one block each"
     n_blocks = max(1, math.ceil(n_tokens / cfg.max_length))
     per_device_cap = max(1, n_blocks // world)  # a step cannot take more than the data holds
     per_device = max(1, min(per_device_cap, round(target / cfg.max_length / world)))
