@@ -137,6 +137,9 @@ def _check_source(path: str, what: str) -> None:
         )
 
 
+_TOKENIZER_PROBE = "Hello, world! 你好"
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -145,6 +148,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelLoadError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+    try:  # a folder without tokenizer files gives an empty tokenizer: every text becomes []
+        sample = tok(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    except Exception as exc:
+        raise ModelLoadError(f"tokenizer at {path!r} cannot encode text: {exc}") from exc
+    if not sample:
+        raise ModelLoadError(
+            f"no usable tokenizer found at {path!r}: it encodes {_TOKENIZER_PROBE!r} to no "
+            "tokens (are the tokenizer files missing? set tokenizer_name_or_path)"
+        )
     if tok.eos_token_id is None:
         raise ModelLoadError(
             f"tokenizer at {path!r} has no eos token; packing needs one between documents"

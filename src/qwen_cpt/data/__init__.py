@@ -21,10 +21,18 @@ from .sources import (
     IterableSource,
     SequenceSource,
     expand_paths,
+    file_digest,
     read_documents,
 )
-from .streams import BlockStream, Mixture, one_epoch, open_stream, resolve_sources
-from .tokenize import TokenizerPool, encode_batch, tokenize_documents
+from .streams import (
+    BlockStream,
+    Mixture,
+    diff_identity,
+    one_epoch,
+    open_stream,
+    resolve_sources,
+)
+from .tokenize import TokenizerPool, encode_batch, tokenize_documents, tokenizer_digest
 from .types import (
     CACHE_MANIFEST,
     IGNORE_INDEX,
@@ -62,8 +70,10 @@ __all__ = [
     "TokenizerPool",
     "collate",
     "count_loss_tokens",
+    "diff_identity",
     "encode_batch",
     "expand_paths",
+    "file_digest",
     "one_epoch",
     "open_stream",
     "pack_documents",
@@ -71,4 +81,5 @@ __all__ = [
     "read_documents",
     "resolve_sources",
     "tokenize_documents",
+    "tokenizer_digest",
 ]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import FileSource, expand_paths
-from .tokenize import TokenizerPool, _batched
+from .sources import FileSource, expand_paths, file_digest
+from .tokenize import TokenizerPool, _batched, tokenizer_digest
 from .types import CACHE_MANIFEST, IGNORE_INDEX, Block, DataError
 
 log = logging.getLogger("qwen_cpt")
@@ -121,6 +121,7 @@ def prepare(
     manifest = {
         "format": 1,
         "tokenizer": str(tokenizer_path or getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_digest": tokenizer_digest(tokenizer),
         "eos_token_id": eos,
         "vocab_size": len(tokenizer),
         "dtype": "uint32",
@@ -252,6 +253,15 @@ class CacheStream:
 
     def count_blocks(self) -> int:
         return self.n_blocks
+
+    def describe_identity(self) -> dict:
+        """The cache (a digest of its manifest) and the tokenizer it was made with."""
+        m = self.source.manifest
+        return {
+            "files": {str(self.source.directory): file_digest(self.source.directory)},
+            "options": {"document_aware": self.document_aware, "cache_tokenizer": m["tokenizer"]},
+            "tokenizer": m.get("tokenizer_digest") or m["tokenizer"],
+        }
 
     def close(self) -> None:
         pass

@@ -7,12 +7,13 @@ document streams too). Nothing holds the corpus in RAM.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-import gzip
 import hashlib
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,30 +48,104 @@ def _supported(path: Path) -> bool:
     return bool(_kind(path)) or (path / CACHE_MANIFEST).is_file()
 
 
-def expand_paths(entries: Sequence[str], what: str = "train_files") -> list[Path]:
+_DIGEST_SPAN = 64 << 10
+
+
+def file_digest(path: Path) -> str:
+    """Size and an xxhash of the first, middle and last 64 KiB of a file (cheap for any size);
+    a prepare cache directory: of its manifest."""
+    import xxhash
+
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / CACHE_MANIFEST
+        data = manifest.read_bytes() if manifest.is_file() else b""
+        return f"cache:{xxhash.xxh64(data).hexdigest()}"
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    h = xxhash.xxh64(str(size).encode())
+    with open(path, "rb") as fh:
+        for at in sorted({0, max(0, size // 2 - _DIGEST_SPAN // 2), max(0, size - _DIGEST_SPAN)}):
+            fh.seek(at)
+            h.update(fh.read(_DIGEST_SPAN))
+    return f"{size}:{h.hexdigest()}"
+
+
+def _hidden(path: Path, shown: Path | str = "") -> bool:
+    """A dot-file or a file under a dot-folder, unless a part of ``shown`` (the entry as given,
+    perhaps a pattern such as ``data/.*``) names or matches that dot-part."""
+    named = [part for part in Path(shown).parts if part.startswith(".")]
+    return any(
+        part.startswith(".")
+        and part not in (".", "..")
+        and not any(fnmatch.fnmatchcase(part, n) for n in named)
+        for part in path.parts
+    )
+
+
+def _under(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        path.resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def expand_paths(
+    entries: Sequence[str], what: str = "train_files", exclude: str | Path | None = None
+) -> list[Path]:
     """Expand files, directories (recursively) and glob patterns into a sorted file list.
 
-    A directory holding a ``qwen-cpt prepare`` cache is kept as one entry.
+    A directory holding a ``qwen-cpt prepare`` cache is kept as one entry. Directories and
+    patterns skip dot-files and dot-folders (``.git/``, ``.ipynb_checkpoints/``) unless the
+    entry names them; a dot-file named as a path is read. Nothing under ``exclude`` (the run's
+    ``output_dir``) is ever listed: a run never trains on its own metrics or checkpoints.
     """
+    skip = Path(exclude).expanduser().resolve() if exclude else None
     files: list[Path] = []
     for entry in entries:
         p = Path(entry).expanduser()
         if any(ch in entry for ch in "*?["):
-            matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(entry), recursive=True))
-            matched = [m for m in matched if m.is_file()]
+            pattern = os.path.expanduser(entry)
+            matched = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+            matched = [m for m in matched if m.is_file() and not _hidden(m, pattern)]
             if not matched:
                 raise DataError(f"{what}: the pattern {entry!r} matches no file")
-            files.extend(matched)
+            kept = [m for m in matched if not _under(m, skip)]
+            if not kept:
+                raise DataError(
+                    f"{what}: the pattern {entry!r} matches only files in the run's output_dir "
+                    f"({str(exclude)!r}), which are never read as data"
+                )
+            files.extend(kept)
         elif p.is_dir() and (p / CACHE_MANIFEST).is_file():
             files.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
-            if not found:
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and _kind(f) and not _hidden(f.relative_to(p))
+            )
+            kept = [f for f in found if not _under(f, skip)]
+            if found and not kept:
+                raise DataError(
+                    f"{what}: the directory {entry!r} holds data files only in the run's "
+                    f"output_dir ({str(exclude)!r}), which are never read as data"
+                )
+            if not kept:
                 raise DataError(
                     f"{what}: the directory {entry!r} holds no .txt, .jsonl or .parquet file"
                 )
-            files.extend(found)
+            files.extend(kept)
         elif p.is_file():
+            if _under(p, skip):
+                raise DataError(
+                    f"{what}: {entry!r} is in the run's output_dir ({str(exclude)!r}); "
+                    "a run never reads its own output as data"
+                )
             files.append(p)
         else:
             raise DataError(f"{what}: no such file or directory: {entry!r}")
@@ -86,13 +161,111 @@ def expand_paths(entries: Sequence[str], what: str = "train_files") -> list[Path
     return files
 
 
-def _open_binary(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".zst":
+_MAGIC = {".gz": (b"\x1f\x8b", "gzip"), ".zst": (b"\x28\xb5\x2f\xfd", "zstd")}
+_CHUNK = 1 << 16  # compressed bytes fed to the decompressor at a time
+
+
+class _Decompressed(io.RawIOBase):
+    """A .gz or .zst file, decompressed as it is read, that never ends early without a word.
+
+    A file cut short (no end-of-stream marker, or a cut gzip trailer) raises :class:`DataError`
+    saying "truncated"; a file whose content is not of its suffix's format says "not gzip" /
+    "not zstd". Multi-member gzip and multi-frame zstd files are read whole. ``consumed`` and
+    ``produced`` count compressed bytes read and decompressed bytes returned (the ratio of a
+    sample estimates a file's decompressed size).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.suffix = path.suffix
+        magic, self.fmt = _MAGIC[self.suffix]
+        self._fh = open(path, "rb")
+        head = self._fh.read(len(magic))
+        if head != magic:
+            self._fh.close()
+            raise DataError(
+                f"{path}: not {self.fmt} (the file does not start like a {self.suffix})"
+            )
+        self._fh.seek(0)
+        self._dec = self._new()
+        self._in = b""  # compressed bytes not yet given to the decompressor
+        self._out = b""  # decompressed bytes not yet returned
+        self.consumed = 0
+        self.produced = 0
+
+    def _new(self):
+        if self.fmt == "gzip":
+            return zlib.decompressobj(31)
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while not self._out:
+            if self._dec.eof:  # a member/frame ended: another may follow
+                rest = self._dec.unused_data + self._in
+                self._in = b""
+                while True:
+                    if self.fmt == "gzip":
+                        rest = rest.lstrip(b"\0")  # zero padding after a member is allowed
+                    if rest:
+                        break
+                    rest = self._read_raw()
+                    if not rest:
+                        return  # a clean end
+                self._dec = self._new()
+                self._in = rest
+            if not self._in:
+                self._in = self._read_raw()
+                if not self._in:
+                    raise DataError(
+                        f"{self.path}: truncated {self.fmt} file (it ends in the middle of the "
+                        f"compressed data, after {self.produced:,} decompressed bytes)"
+                    )
+            data, self._in = self._in, b""
+            try:
+                if self.fmt == "gzip":
+                    out = self._dec.decompress(data, 1 << 22)
+                    self._in = self._dec.unconsumed_tail
+                else:
+                    out = self._dec.decompress(data)
+            except zlib.error as exc:
+                raise DataError(f"{self.path}: not gzip or corrupt gzip data ({exc})") from None
+            except Exception as exc:  # zstandard.ZstdError
+                raise DataError(f"{self.path}: not zstd or corrupt zstd data ({exc})") from None
+            self._out = out
+
+    def _read_raw(self) -> bytes:
+        chunk = self._fh.read(_CHUNK)
+        self.consumed += len(chunk)
+        return chunk
+
+    @property
+    def ratio(self) -> float:
+        """Decompressed bytes per compressed byte so far (bytes still buffered left out)."""
+        return (self.produced + len(self._out)) / max(1, self.consumed - len(self._in))
+
+    def readinto(self, b) -> int:
+        self._fill()
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        self.produced += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+
+def _open_binary(path: Path):
+    if path.suffix in _MAGIC:
+        return io.BufferedReader(_Decompressed(path), 1 << 20)
     return open(path, "rb")
 
 
@@ -160,10 +333,47 @@ class FileSource:
         self._skipped: set[str] = set()
 
     def identity(self) -> list:
-        return [[str(f), f.stat().st_size if f.is_file() else 0] for f in self.files]
+        return [[str(f), file_digest(f)] for f in self.files]
+
+    def describe_identity(self) -> dict:
+        """``{"files": {path: digest}, "options": {...}}``: what fixes this source's text."""
+        options: dict[str, Any] = {"text_field": self.text_field}
+        if any(_kind(f) == "txt" for f in self.files):
+            options["txt_split"] = self.txt_split
+        return {"files": {str(f): file_digest(f) for f in self.files}, "options": options}
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files if f.is_file())
+
+    def decompressed_bytes(self, sample_bytes: int = 4 << 20, max_sampled: int = 8) -> int:
+        """Bytes of the files once decompressed: exact for plain files; for compressed ones
+        the compressed size times the ratio of a sample of up to ``sample_bytes`` (read from the
+        start of up to ``max_sampled`` files; the others use their mean ratio). A gzip ISIZE
+        trailer is modulo 2**32, so it is not used."""
+        total = 0
+        ratios: dict[str, list[float]] = {}
+        unsampled: list[Path] = []
+        for f in self.files:
+            size = f.stat().st_size if f.is_file() else 0
+            if f.suffix not in _MAGIC:
+                total += size
+            elif len(ratios.get(f.suffix, [])) < max_sampled:
+                raw = _Decompressed(f)
+                with raw:
+                    while raw.produced < sample_bytes and raw.read(1 << 18):
+                        pass
+                    if raw.read(1) == b"":  # read whole: exact
+                        ratio = raw.produced / max(1, size)
+                    else:
+                        ratio = raw.ratio
+                ratios.setdefault(f.suffix, []).append(ratio)
+                total += round(size * ratio)
+            else:
+                unsampled.append(f)
+        for f in unsampled:
+            rs = ratios[f.suffix]
+            total += round(f.stat().st_size * sum(rs) / len(rs))
+        return total
 
     def pieces(self, order: Sequence[int], start: dict | None = None) -> Iterator[Piece]:
         """Pieces of the files in ``order`` (indexes into ``files``), from ``start`` on."""
@@ -302,6 +512,13 @@ class SequenceSource:
             fingerprint = h.hexdigest()[:16]
         return [["<memory>", len(self.items), fingerprint]]
 
+    def describe_identity(self) -> dict:
+        _, n, fingerprint = self.identity()[0]
+        return {
+            "files": {"<memory>": f"{n}:{fingerprint}"},
+            "options": {"text_field": self.text_field, "rows": len(self.files)},
+        }
+
     def total_bytes(self) -> int:
         return 0
 
@@ -336,6 +553,13 @@ class IterableSource:
 
     def identity(self) -> list:
         return [["<iterable-dataset>", 0]]
+
+    def describe_identity(self) -> dict:
+        fingerprint = str(getattr(self.dataset, "_fingerprint", "") or "")
+        return {
+            "files": {"<iterable-dataset>": fingerprint},
+            "options": {"text_field": self.text_field},
+        }
 
     def total_bytes(self) -> int:
         return 0

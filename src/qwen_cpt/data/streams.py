@@ -26,7 +26,7 @@ from typing import Any
 from .cache import CacheSource, CacheStream
 from .packing import Packer
 from .sources import FileSource, IterableSource, SequenceSource, expand_paths
-from .tokenize import TokenizerPool, _batched, encode_batch
+from .tokenize import TokenizerPool, _batched, encode_batch, tokenizer_digest
 from .types import Block, DataError, Piece, SourceSpec, StreamState
 
 
@@ -148,8 +148,9 @@ class BlockStream:
             n += 1
 
     def estimate_blocks(self, sample_bytes: int = 1 << 20) -> int:
-        """Blocks in one epoch estimated from file sizes and the tokens/byte of a sample."""
-        total = self.source.total_bytes()
+        """Blocks in one epoch estimated from (decompressed) file sizes and a sample's tokens/byte."""
+        sized = getattr(self.source, "decompressed_bytes", None)  # compressed files: unpacked
+        total = sized() if sized is not None else self.source.total_bytes()
         texts, seen = [], 0
         for piece in self.source.pieces(range(len(self.source.files))):
             texts.append(piece.text)
@@ -158,6 +159,15 @@ class BlockStream:
                 break
         tokens = sum(len(x) + 1 for x in encode_batch(self.tokenizer, texts)) if texts else 0
         return max(1, round(total * tokens / max(1, seen) / self.max_length))
+
+    def describe_identity(self) -> dict:
+        """What fixes this stream's tokens: files and digests, text options, tokenizer."""
+        desc = self.source.describe_identity()
+        desc["options"] = dict(
+            desc["options"], max_samples=self.max_samples, document_aware=self.document_aware
+        )
+        desc["tokenizer"] = tokenizer_digest(self.tokenizer)
+        return desc
 
     def close(self) -> None:
         self.pool.close()
@@ -208,15 +218,56 @@ class Mixture:
         for k, s in self.streams.items():
             s.load_state_dict(state["streams"][k])
 
-    def identity(self) -> str:
-        h = hashlib.sha256()
+    def describe_identity(self) -> dict:
+        """``{name: {"files": {path: digest}, "options": {...}, "tokenizer": digest}}``.
+
+        Store it in ``trainer_state.json`` (``data_identity``) and compare it with
+        :func:`diff_identity` to name what changed on a resume.
+        """
+        out = {}
         for k, s in self.streams.items():
-            h.update(json.dumps([k, self.weights[k], s.source.identity()]).encode())
-        return h.hexdigest()[:16]
+            desc = s.describe_identity()
+            desc["options"] = dict(desc["options"], weight=self.weights[k])
+            out[k] = desc
+        return out
+
+    def identity(self) -> str:
+        """A short hex digest of :meth:`describe_identity`."""
+        blob = json.dumps(self.describe_identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def close(self) -> None:
         for s in self.streams.values():
             s.close()
+
+
+def diff_identity(saved: dict, current: dict) -> list[str]:
+    """Human lines naming what differs between two :meth:`Mixture.describe_identity` dicts,
+    e.g. ``"train: data/a.jsonl changed content"``, ``"train: text_field: 'text' -> 'body'"``,
+    ``"train: added file data/c.jsonl"``, ``"train: tokenizer changed"``; ``[]`` if equal."""
+    lines: list[str] = []
+    for name in saved:
+        if name not in current:
+            lines.append(f"source {name!r} removed")
+    for name in current:
+        if name not in saved:
+            lines.append(f"source {name!r} added")
+    for name in (n for n in saved if n in current):
+        old, new = saved[name] or {}, current[name] or {}
+        of, nf = old.get("files", {}), new.get("files", {})
+        for path in of:
+            if path not in nf:
+                lines.append(f"{name}: removed file {path}")
+            elif of[path] != nf[path]:
+                lines.append(f"{name}: {path} changed content")
+        lines.extend(f"{name}: added file {path}" for path in nf if path not in of)
+        oo, no = old.get("options", {}), new.get("options", {})
+        for key in sorted(set(oo) | set(no)):
+            if oo.get(key) != no.get(key):
+                lines.append(f"{name}: {key}: {oo.get(key)!r} -> {no.get(key)!r}")
+        if old.get("tokenizer") != new.get("tokenizer"):
+            lines.append(f"{name}: tokenizer changed")
+    return lines
 
 
 # --- building the run's data from the config ------------------------------------------------------
@@ -245,6 +296,7 @@ def resolve_sources(
     """
     train: list[SourceSpec] = []
     evals: list[SourceSpec] = []
+    out = getattr(cfg, "output_dir", None) or None  # never read the run's own output as data
     if cfg.sources:
         if train_texts is not None:
             raise DataError("train_texts and config.sources conflict: give one or the other")
@@ -255,7 +307,7 @@ def resolve_sources(
             train.append(
                 SourceSpec(
                     src["name"],
-                    _file_or_cache_source(expand_paths(files, what), field_, cfg),
+                    _file_or_cache_source(expand_paths(files, what, out), field_, cfg),
                     float(src.get("weight", 1.0)),
                 )
             )
@@ -270,7 +322,7 @@ def resolve_sources(
                     SourceSpec(
                         src["name"],
                         FileSource(
-                            expand_paths(ef, what), field_, cfg.txt_split, cfg.skip_bad_records
+                            expand_paths(ef, what, out), field_, cfg.txt_split, cfg.skip_bad_records
                         ),
                     )
                 )
@@ -285,7 +337,7 @@ def resolve_sources(
         if cfg.train_files:
             parts.append(
                 _file_or_cache_source(
-                    expand_paths(cfg.train_files, "train_files"), cfg.text_field, cfg
+                    expand_paths(cfg.train_files, "train_files", out), cfg.text_field, cfg
                 )
             )
         if not parts:
@@ -303,7 +355,7 @@ def resolve_sources(
     if cfg.eval_files:
         eval_parts.append(
             FileSource(
-                expand_paths(cfg.eval_files, "eval_files"),
+                expand_paths(cfg.eval_files, "eval_files", out),
                 cfg.text_field,
                 cfg.txt_split,
                 cfg.skip_bad_records,
