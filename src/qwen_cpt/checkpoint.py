@@ -48,6 +48,8 @@ log = logging.getLogger("qwen_cpt")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"  # the previous best/ or final/ while it is replaced (remove_stale_tmp)
+CORRUPT_INFIX = ".corrupt-"  # checkpoint-<step>.corrupt-<UTC time>: failed verification, kept
 MANIFEST = "manifest.json"
 FORMAT = 2  # format 1 (qwen-cpt 0.1): optimizer.pt or dcp/ beside the weights
 STATE_DIR = "state"
@@ -55,6 +57,11 @@ STATE_DIR = "state"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or used; the message names the path."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed while training (a full disk, a rank's write); the previous checkpoint is
+    intact. Other CheckpointErrors are refusals of bad input, made before training."""
 
 
 def _failures() -> tuple[type[BaseException], ...]:
@@ -158,7 +165,7 @@ def _removing_on_failure(target: Path, tmp: Path):
 
 
 def _disk_full(target: Path) -> CheckpointError:
-    return CheckpointError(
+    return CheckpointSaveError(
         f"disk full while saving {target}; the partial save was removed and the previous "
         "checkpoint is intact. Free space or lower save_total_limit, then resume."
     )
@@ -181,12 +188,34 @@ def commit_folder(tmp: Path, target: Path, checksums: bool = True) -> Path:
         _fsync_tree(tmp)
     old = None
     if target.exists():  # replacing best/ or final/: move the old one aside, then swap
-        old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
+        # a crash between the two renames leaves .old-<name> and no <name>: remove_stale_tmp
+        # renames it back; it deletes .old-<name> only while <name> exists
+        old = target.parent / f"{OLD_PREFIX}{target.name}"
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def move_aside_corrupt(path: Path, problem: str) -> Path:
+    """Rename a checkpoint that failed verification to ``<name>.corrupt-<UTC time>`` (kept,
+    never deleted automatically: neither listed, counted nor rotated as a checkpoint)."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.parent / f"{path.name}{CORRUPT_INFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        aside = path.parent / f"{path.name}{CORRUPT_INFIX}{stamp}-{n}"
+        n += 1
+    os.replace(path, aside)
+    log.warning(
+        "checkpoint %s failed verification (%s); moved it aside to %s", path, problem, aside
+    )
+    return aside
 
 
 def tmp_path(target: Path) -> Path:
@@ -259,26 +288,56 @@ def latest_valid_checkpoint(output_dir: Path) -> Path | None:
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = None) -> list[Path]:
-    """Delete the oldest ``checkpoint-*`` beyond ``limit``.
+    """Delete the oldest ``checkpoint-*`` beyond ``limit``; return those removed.
 
-    Never deleted: ``keep`` (the newest valid checkpoint, just written), ``best/`` and
-    ``final/`` (separate folders), and any save in progress (``.tmp-*``, not matched here).
+    Never deleted: ``keep`` (the newest valid checkpoint, just written) and any checkpoint of
+    a later step (left by the run this one resumes; it is verified when this run reaches its
+    step), ``best/`` and ``final/`` (separate folders), any save in progress (``.tmp-*``) and
+    any checkpoint set aside as corrupt (``checkpoint-<step>.corrupt-*``): none of them is
+    matched or counted here. A folder that cannot be removed is named in a warning.
     """
     if limit is None:
         return []
-    ckpts = [p for _, p in list_checkpoints(output_dir) if keep is None or p != Path(keep)]
+    keep_step = None
+    if keep is not None and (m := CHECKPOINT_RE.match(Path(keep).name)):
+        keep_step = int(m.group(1))
+    ckpts = [
+        p
+        for step, p in list_checkpoints(output_dir)
+        if (keep is None or p != Path(keep)) and (keep_step is None or step < keep_step)
+    ]
     room = max(0, limit - (1 if keep is not None else 0))
-    doomed = ckpts[: max(0, len(ckpts) - room)]
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+    removed = []
+    for p in ckpts[: max(0, len(ckpts) - room)]:
+        try:
+            shutil.rmtree(p)
+        except OSError as exc:
+            log.warning(
+                "could not remove old checkpoint %s (save_total_limit=%d): %s; training goes on",
+                p,
+                limit,
+                exc,
+            )
+            continue
+        removed.append(p)
         log.info("removed old checkpoint %s (save_total_limit=%d)", p, limit)
-    return doomed
+    return removed
 
 
 def remove_stale_tmp(output_dir: Path) -> None:
+    """Remove the partial saves (``.tmp-*``) a crash left; put back a ``best/`` or ``final/``
+    that a crash left set aside as ``.old-<name>`` mid-replacement."""
     for p in Path(output_dir).glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(p, ignore_errors=True)
         log.warning("removed leftover partial save %s", p)
+    for p in Path(output_dir).glob(f"{OLD_PREFIX}*"):
+        target = p.parent / p.name[len(OLD_PREFIX) :]
+        if target.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, the replaced previous copy of %s", p, target)
+        else:
+            os.replace(p, target)
+            log.warning("restored %s from %s (its replacement was interrupted)", target, p)
 
 
 def without_tied(model, weights: dict) -> dict:
@@ -310,6 +369,9 @@ class CheckpointManager:
         self.use_async = use_async
         self.checksums = True  # benchmarks/checkpoint_stall.py turns it off to measure its cost
         self._pending: tuple[Path, list[Future], threading.Thread | None] | None = None
+        # checkpoints this manager committed: only a folder from before this run is hashed
+        # before a save at its step skips it
+        self._written: set[Path] = set()
         self._error: BaseException | None = None
         # Async saves coordinate on gloo groups of their own, apart from training's collectives:
         # one for the weights' save and one for the state's, whose threads run side by side.
@@ -336,8 +398,8 @@ class CheckpointManager:
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
         self.wait()  # one save in flight at most
-        world, tmp = self.world, tmp_path(target)
-        if world.on_main(lambda: target.exists() and verify(target, checksums=False) is None):
+        world, tmp, target = self.world, tmp_path(target), Path(target)
+        if world.on_main(lambda: self._saved_already(target)):
             return target  # saved already (the last step was a save step, say)
 
         def fresh_tmp() -> None:
@@ -382,6 +444,22 @@ class CheckpointManager:
         log.info("%s: writing in the background", target)
         return target
 
+    def _saved_already(self, target: Path) -> bool:
+        """Whether ``target`` exists and verifies: sizes for one this run wrote, every hash for
+        one from before it. One that fails is moved aside (never written over)."""
+        if not target.exists() and not target.is_symlink():
+            return False
+        mine = target in self._written
+        problem = verify(target, checksums=not mine) if target.is_dir() else "not a folder"
+        if problem is None:
+            if not mine:
+                log.info("%s exists and verifies (from an earlier run); not written again", target)
+            self._written.add(target)
+            return True
+        self._written.discard(target)
+        move_aside_corrupt(target, problem)
+        return False
+
     def _all_or_cleanup(self, fn, target: Path, tmp: Path) -> None:
         """``fn()`` on every rank; if it failed on any, remove the partial save and raise on all."""
         error = None
@@ -392,7 +470,7 @@ class CheckpointManager:
         try:
             if error is not None and _is_enospc(error):
                 error = _disk_full(target)
-            self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointError)
+            self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointSaveError)
         except CheckpointError:
             if self.world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -405,6 +483,7 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._written.add(target)
         rotate_checkpoints(self.output_dir, self.keep, keep=target)
         log.info("saved %s", target)
 
@@ -428,7 +507,7 @@ class CheckpointManager:
         target, error = self._finish_pending()
         if error is not None and _is_enospc(error):
             error = _disk_full(target)
-        self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointError)
+        self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointSaveError)
 
     def close(self) -> None:
         """At the end of a run, also a failed one: let a save in flight finish and commit (this

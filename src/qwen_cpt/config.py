@@ -137,6 +137,12 @@ class CPTConfig:
         "auto: resume from the newest valid checkpoint in output_dir (or start fresh and say "
         "so); a path: resume from that checkpoint folder; None: start fresh.",
     )
+    overwrite_output_dir: bool = _f(
+        False,
+        "A fresh run (resume_from_checkpoint: None) into an output_dir that holds a previous "
+        "run's checkpoint-*, final/, best/ or metrics.jsonl: False refuses; True removes those "
+        "(and logs/, report*, config.yaml) first and says so.",
+    )
     nan_policy: str = _f(
         "abort",
         "On a non-finite loss or gradient norm: abort (stop before the optimizer step, exit "

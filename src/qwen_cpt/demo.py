@@ -84,6 +84,7 @@ def run_demo(output_dir: str = "./demo_output", max_steps: int = 60) -> dict:
     cfg = CPTConfig(
         model_name_or_path=str(model_dir),
         output_dir=str(out / "run"),
+        overwrite_output_dir=True,  # `make demo` again starts the demo again
         sources=[
             {
                 "name": kind,
