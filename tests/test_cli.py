@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from qwen_cpt.cli import main
+from qwen_cpt.cli import build_parser, join_negative_values, main
 from qwen_cpt.config import field_help
 
 from .conftest import SAMPLE_TEXTS
@@ -82,7 +82,7 @@ def test_train_errors_are_one_clear_line(tiny_qwen, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(cfg_path), "--max_steps", "many"])
     assert (
-        main(["train", "--model_name_or_path", tiny_qwen, "--output_dir", str(tmp_path / "o")]) == 1
+        main(["train", "--model_name_or_path", tiny_qwen, "--output_dir", str(tmp_path / "o")]) == 2
     )
     assert "nothing to train on" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -116,3 +116,106 @@ def test_tiny_model_command(tmp_path):
         1879,
         0,
     ]
+
+
+# --- negative numbers after a space, and exit statuses -------------------------------------------
+
+
+def test_negative_numbers_after_a_space_are_values():
+    parser = build_parser()
+    argv = ["train", "--learning_rate", "-1e-3", "--seed", "-1", "--max-grad-norm", "-.5"]
+    ns = parser.parse_args(join_negative_values(parser, argv))
+    assert ns.learning_rate == -1e-3 and ns.seed == -1 and ns.max_grad_norm == -0.5
+    # only one-value flags of the command given are joined; "--" ends the options
+    assert join_negative_values(parser, ["train", "--eval_files", "-1"]) == [
+        "train",
+        "--eval_files",
+        "-1",
+    ]
+    assert join_negative_values(parser, ["train", "--", "--seed", "-1"]) == [
+        "train",
+        "--",
+        "--seed",
+        "-1",
+    ]
+    assert join_negative_values(parser, ["plan", "c.yaml", "--tokens", "-2e9"])[-1] == (
+        "--tokens=-2e9"
+    )
+
+
+def test_negative_learning_rate_is_refused_by_the_config(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["train", "--model_name_or_path", "m", "--output_dir", str(out)]
+    assert main([*argv, "--learning_rate", "-1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "expected one argument" not in err and "Traceback" not in err
+    assert err.startswith("qwen-cpt: error: invalid configuration in command-line flags")
+    assert "learning_rate: must be > 0 or auto, got -0.001" in err
+    assert not out.exists()
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("qwen-cpt")]
+    assert len(lines) == 1 and lines[0].startswith("qwen-cpt: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(tiny_qwen, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
+    base = ["train", "--max_length", "32", "--max_steps", "1", "--train_files", str(data)]
+    # a model folder that does not exist
+    missing = [
+        "--model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--output_dir",
+        str(tmp_path / "o0"),
+    ]
+    assert main([*base, *missing]) == 2
+    assert "no-model" in _one_error_line(capsys.readouterr().err)
+    # a malformed record (DataError)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    argv = ["train", "--model_name_or_path", tiny_qwen, "--train_files", str(bad)]
+    assert main([*argv, "--output_dir", str(tmp_path / "o1")]) == 2
+    assert "bad.jsonl:2" in _one_error_line(capsys.readouterr().err)
+    # a checkpoint that cannot be resumed (CheckpointError refusal)
+    argv = [*base, "--model_name_or_path", tiny_qwen, "--output_dir", str(tmp_path / "o2")]
+    assert main([*argv, "--resume_from_checkpoint", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        ("qwen_cpt.DataError", 2),
+        ("qwen_cpt.ModelLoadError", 2),
+        ("qwen_cpt.trainer.ResumeError", 2),
+        ("qwen_cpt.optim.OptimizerSetupError", 2),
+        ("qwen_cpt.checkpoint.CheckpointError:checkpoint format 'x', not 2", 2),
+        ("qwen_cpt.checkpoint.CheckpointSaveError:disk full while saving out/checkpoint-3; ...", 1),
+        ("qwen_cpt.checkpoint.CheckpointSaveError:saving out/checkpoint-3 failed on rank 1: x", 1),
+        ("qwen_cpt.TrainingError:non-finite loss at step 3, stopped before the optimizer step", 1),
+    ],
+)
+def test_exit_status_by_error(error, status, monkeypatch, tmp_path, capsys):
+    import importlib
+
+    import qwen_cpt.trainer
+
+    target, _, message = error.partition(":")
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+
+    def fail(self, *args, **kwargs):
+        raise cls(message or f"{name} for the test")
+
+    monkeypatch.setattr(qwen_cpt.trainer.CPTTrainer, "train", fail)
+    monkeypatch.setattr(qwen_cpt.trainer.CPTTrainer, "__init__", lambda self, cfg: None)
+    argv = ["train", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == status
+    assert (
+        _one_error_line(capsys.readouterr().err)
+        == f"qwen-cpt: error: {message or name + ' for the test'}"
+    )

@@ -1,7 +1,13 @@
 """The ``qwen-cpt`` command line: ``train``, ``tiny-model``, ``demo`` and ``report``.
 
 Every ``CPTConfig`` field is a ``train`` flag (``--learning_rate 3e-5`` or ``--learning-rate 3e-5``),
-generated from the dataclass, with the field's help text.
+generated from the dataclass, with the field's help text; a negative value may follow a space
+(``--learning_rate -1e-3``) and then meets the config's validation.
+
+Exit status: 0 done; 2 bad input refused before training (configuration, command line, data,
+model, a checkpoint that cannot be resumed, an unwritable path); 1 a failure while training (a
+non-finite loss, a save that failed); 128 + the signal after a SIGTERM/SIGINT and its checkpoint.
+Errors are printed as ``qwen-cpt: error: ...``, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 from typing import Any
@@ -129,9 +136,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--flag -1e-3`` becomes ``--flag=-1e-3`` for the subcommand's one-value flags.
+
+    argparse reads a token that starts with ``-`` as an option unless it matches its own
+    negative-number pattern (``-1``, ``-.5``: not ``-1e-3``), so ``--learning_rate -1e-3`` would
+    fail with "expected one argument". Joined, the value reaches the flag's type and then the
+    config's validation, which names the field.
+    """
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    command = next((i for i, w in enumerate(argv) if not w.startswith("-")), None)
+    if not subparsers or command is None or argv[command] not in subparsers[0].choices:
+        return argv
+    sub = subparsers[0].choices[argv[command]]
+    takes_one = {
+        flag
+        for a in sub._actions
+        if isinstance(a, argparse._StoreAction) and a.nargs is None
+        for flag in a.option_strings
+    }
+    out = argv[: command + 1]
+    i = command + 1
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            out += argv[i:]
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if word in takes_one and nxt is not None and _NEGATIVE_NUMBER.fullmatch(nxt):
+            out.append(f"{word}={nxt}")
+            i += 2
+        else:
+            out.append(word)
+            i += 1
+    return out
+
+
+def _exit_status(exc: BaseException) -> int | None:
+    """2 for bad input refused before training, 1 for a failure while training, None: raise."""
+    from . import DataError, ModelLoadError, TrainingError
+    from .checkpoint import CheckpointError, CheckpointSaveError
+    from .optim import OptimizerSetupError
+    from .resume import ResumeError
+
+    if isinstance(exc, CheckpointSaveError):  # a save that failed while training
+        return 1
+    if isinstance(
+        exc, (CheckpointError, DataError, ModelLoadError, ResumeError, OptimizerSetupError)
+    ):
+        return 2
+    if isinstance(exc, TrainingError):  # a non-finite loss, a second train() ...
+        return 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(join_negative_values(parser, argv))
     if args.command is None:
         parser.print_help()
         return 2
@@ -151,21 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         print("qwen-cpt: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from . import DataError, ModelLoadError, TrainingError
-        from .checkpoint import CheckpointError
         from .trainer import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):  # documented: 128 + signal (143 for SIGTERM)
             print(f"qwen-cpt: {exc}", file=sys.stderr)
             return 128 + exc.signum
-        from .optim import OptimizerSetupError
-
-        if isinstance(
-            exc, (DataError, ModelLoadError, TrainingError, CheckpointError, OptimizerSetupError)
-        ):
-            print(f"qwen-cpt: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        print(f"qwen-cpt: error: {exc}", file=sys.stderr)
+        return status
 
 
 def _prepare(args: argparse.Namespace) -> int:
