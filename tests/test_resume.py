@@ -411,11 +411,19 @@ def test_resume_refuses_changed_geometry_and_data(tiny_qwen, tmp_path):
         ).train()
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"text": "something else entirely " * 20}) + "\n")
-    with pytest.raises(ResumeError, match="training data: the checkpoint was trained on data"):
+    with pytest.raises(ResumeError, match=r"training data: .* removed file .*train\.jsonl") as e:
         CPTTrainer(
             _cfg(
                 tiny_qwen, tmp_path / "o2", str(other), max_steps=2, resume_from_checkpoint=str(ck)
             )
+        ).train()
+    assert "added file" in str(e.value) and "other.jsonl" in str(e.value)
+    # the same file, edited to the same size: named as changed
+    text = Path(data).read_text()
+    Path(data).write_text(text.replace("court", "COURT"))
+    with pytest.raises(ResumeError, match=r"training data: .*train\.jsonl changed content"):
+        CPTTrainer(
+            _cfg(tiny_qwen, tmp_path / "o2", data, max_steps=2, resume_from_checkpoint=str(ck))
         ).train()
     assert not (tmp_path / "o2").exists()
 

@@ -86,9 +86,11 @@ def take_auto_fields(cfg: CPTConfig, path: Path) -> None:
             log.info("%s: auto -> %s (from %s)", name, getattr(saved, name), path)
 
 
-def check(path: Path, cfg: CPTConfig, world_size: int, model_config, fingerprint: str) -> dict:
+def check(path: Path, cfg: CPTConfig, world_size: int, model_config, data) -> dict:
     """Refuse, before training, a resume that could not continue the same run exactly; return
-    the checkpoint's ``trainer_state.json``."""
+    the checkpoint's ``trainer_state.json``. ``data``: the run's training mixture."""
+    from .data import diff_identity
+
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     if state.get("format") != FORMAT:
         refuse_old_layout(path)
@@ -114,10 +116,13 @@ def check(path: Path, cfg: CPTConfig, world_size: int, model_config, fingerprint
                 f"model {key}: the checkpoint has {saved_arch.get(key)!r}, "
                 f"{cfg.model_name_or_path} has {arch.get(key)!r}"
             )
-    if state["data_fingerprint"] != fingerprint:
+    if state["data_fingerprint"] != data.identity():
+        saved_identity = state.get("data_identity")
+        changes = diff_identity(saved_identity, data.describe_identity()) if saved_identity else []
         problems.append(
-            f"training data: the checkpoint was trained on data with fingerprint "
-            f"{state['data_fingerprint']}, this run's data has {fingerprint}"
+            "training data: "
+            + ("; ".join(changes) if changes else "it differs from the checkpoint's")
+            + f" (fingerprint {state['data_fingerprint']} -> {data.identity()})"
         )
     if problems:
         raise ResumeError(

@@ -105,7 +105,7 @@ def build_run(
     check_context_length(cfg, model.config)
     if path is not None:
         resume.take_auto_fields(cfg, path)
-        resume.check(path, cfg, world.size, model.config, data.identity())
+        resume.check(path, cfg, world.size, model.config, data)
     else:
         _resolve_auto(cfg, model, world, runtime, blocks)
     # Liger's kernels (CUDA, when installed and checked) before checkpointing and compile wrap
@@ -218,7 +218,8 @@ def _blocks_per_epoch(data: D.Mixture) -> int:
     file sizes and a 1 MB sample; set max_steps to fix the length of such a run exactly.
     """
     primary = data.primary
-    if not hasattr(primary, "estimate_blocks") or primary.source.total_bytes() <= 16 << 20:
+    size = getattr(primary.source, "decompressed_bytes", primary.source.total_bytes)
+    if not hasattr(primary, "estimate_blocks") or size() <= 16 << 20:
         n = primary.count_blocks()
     else:
         n = primary.estimate_blocks()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import resume
+from . import outdir, resume
 from .checkpoint import remove_stale_tmp, save_model_dir, write_run_files
 from .config import CPTConfig
 from .distributed import World
@@ -108,6 +108,7 @@ class CPTTrainer:
         world = World.create(runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes)
         runtime = dataclasses.replace(runtime, device=world.device)
         self.state, self._stop_signal, data = TrainState(), None, None
+        lock = outdir.OutputDirLock(out)  # rank 0 holds it, from the first write to the end
         try:
             if world.sharded:
                 log.info("distributed: %s", world.describe())
@@ -116,6 +117,7 @@ class CPTTrainer:
             self.tokenizer, data, eval_sets, blocks = open_data(cfg, train_specs, eval_specs)
             run = build_run(cfg, world, runtime, out, self.tokenizer, data, eval_sets, blocks, path)
             self.model = run.model
+            world.on_main(lock.acquire)
             self._start(run, path)
             log_setup(run, cfg, blocks)
             try:
@@ -128,12 +130,13 @@ class CPTTrainer:
             if data is not None:
                 data.close()
             world.close()
+            lock.release()
         self._finished = out / "final"
         return loss
 
     def _start(self, run: Run, path: Path | None) -> None:
-        """Load the checkpoint's state (a resume), then, with every input checked, prepare
-        ``output_dir`` and start the trackers: the first writes of the run."""
+        """Load the checkpoint's state (a resume), then, with every input checked and
+        ``output_dir`` locked, prepare it and start the trackers: the first writes of the run."""
         cfg, world = self.config, run.world
         if path is not None:
             trackers = _Value({})
@@ -144,8 +147,14 @@ class CPTTrainer:
         def prepare_output_dir() -> None:
             run.out.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(run.out)
+            if cfg.resume_from_checkpoint is None:
+                outdir.check_fresh_start(run.out, cfg.overwrite_output_dir)
+            elif cfg.resume_from_checkpoint == "auto":  # newer checkpoints failed verification
+                outdir.set_aside_broken(run.out, None if path is None else self.state.step)
             if path is not None:
                 truncate_metrics(run.out / "metrics.jsonl", self.state.step)
+            elif cfg.resume_from_checkpoint == "auto":  # starting fresh: not the old records
+                truncate_metrics(run.out / "metrics.jsonl", -1)
             cfg.to_yaml(run.out / "config.yaml")
 
         world.on_main(prepare_output_dir)
@@ -159,6 +168,11 @@ class CPTTrainer:
         if st.step == 0:
             run.trackers.log(run.optimizers.summary(), 0)
             self._evaluate(run)
+        elif st.step >= run.total:
+            log.warning(
+                "the checkpoint is at step %d and this run ends at step %d: no step to train; "
+                "raise max_steps (or num_train_epochs) to train further", st.step, run.total,
+            )  # fmt: skip
         window, started = Window(self.clock), self.clock()
         with progress(run.total, st.step, world.is_main) as bar:
             for micro_batches, n_loss, n_tokens in self._step_batches(run):
@@ -211,6 +225,11 @@ class CPTTrainer:
         value never reaches the weights.
         """
         world, runtime, cfg = run.world, run.runtime, self.config
+        if n_loss == 0:  # an empty tokenizer or empty texts: never a loss of 0 over nothing
+            raise TrainingError(
+                f"step {self.state.step + 1} has no token to learn from (its blocks hold no "
+                "target tokens); check that the tokenizer encodes the training text"
+            )
         loss_sum = torch.zeros((), dtype=torch.float32, device=runtime.device)
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
@@ -285,7 +304,8 @@ class CPTTrainer:
         window.fold_into(st)
         summary = {
             "format": 2, **st.state_dict(), "geometry": resume.geometry(cfg, run.world.size),
-            "data_fingerprint": run.data.identity(), "data_position": run.data.state_dict(),
+            "data_fingerprint": run.data.identity(), "data_identity": run.data.describe_identity(),
+            "data_position": run.data.state_dict(),
         }  # fmt: skip
 
         def main_files(tmp: Path) -> None:
