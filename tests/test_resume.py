@@ -539,3 +539,14 @@ def test_rotation_keeps_newest_and_best(tiny_qwen, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert (out / "best" / "model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["save_total_limit"] == 2
+
+
+def test_resuming_a_checkpoint_at_max_steps_says_there_is_nothing_to_train(tiny_qwen, tmp_path):
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=2, save_steps=1)).train()
+    cfg = _cfg(tiny_qwen, out, data, max_steps=2, resume_from_checkpoint="auto")
+    res = _cli(cfg, tmp_path, "again")
+    assert res.returncode == 0, res.stderr
+    assert "the checkpoint is at step 2 and this run ends at step 2: no step to train" in res.stderr
+    assert sorted(_losses(out)) == [1, 2]

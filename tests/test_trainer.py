@@ -17,7 +17,7 @@ def _records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_spec_basic_snippet_runs_on_cpu(tiny_qwen, tmp_path):
+def test_spec_basic_snippet_runs_on_cpu(tiny_qwen, tmp_path, caplog):
     # The spec's snippet, verbatim except for the import line and the model path.
     config = CPTConfig(
         model_name_or_path=tiny_qwen,
@@ -39,6 +39,8 @@ def test_spec_basic_snippet_runs_on_cpu(tiny_qwen, tmp_path):
     out = tmp_path / "cpt_output"
     assert (out / "final" / "model.safetensors").is_file()
     assert trainer.state.step == 3  # one block, three epochs
+    # two short texts are far from one global batch of 16 blocks of 2048 tokens: it says so
+    assert "fewer than one global batch of 16 blocks" in caplog.text
 
 
 def test_spec_advanced_snippet_with_trackers(tiny_qwen, tmp_path):

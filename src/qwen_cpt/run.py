@@ -255,6 +255,14 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
             "tokenized on every rank; `qwen-cpt prepare` tokenizes it once into a cache",
             world.size, ", ".join(raw),
         )  # fmt: skip
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size
+    if blocks < global_batch:
+        log.warning(
+            "data: %d block(s) of %d tokens per epoch, fewer than one global batch of %d blocks: "
+            "each step takes the whole data and more, so an epoch is one step and the blocks "
+            "repeat within it; add text, or lower max_length or the batch size",
+            blocks, cfg.max_length, global_batch,
+        )  # fmt: skip
     total_params, non_emb = count_parameters(run.model)
     precision = (
         str(rt.autocast_dtype).replace("torch.", "autocast ") if rt.autocast_dtype else "fp32"

@@ -70,6 +70,19 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
+class Value:
+    """A stateful part that holds a plain dict (the trackers' state, the same on every rank)."""
+
+    def __init__(self, value: dict):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return self.value
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
 

@@ -34,7 +34,7 @@ from .logs import Window, log_step, memory_gb, progress, setup_logging
 from .model import resolve_runtime
 from .resume import ResumeError
 from .run import Run, build_run, check_texts, check_writable, log_done, log_setup, open_data
-from .state import TrainState, seed_everything
+from .state import TrainState, Value, seed_everything
 from .tracking import build_trackers, truncate_metrics
 
 log = logging.getLogger("qwen_cpt")
@@ -139,7 +139,7 @@ class CPTTrainer:
         ``output_dir`` locked, prepare it and start the trackers: the first writes of the run."""
         cfg, world = self.config, run.world
         if path is not None:
-            trackers = _Value({})
+            trackers = Value({})
             parts = self._parts(run, trackers)
             run.checkpoints.load(path, run.model, run.optimizers.optimizers, parts, run.rng)
             run.tracker_state = trackers.value
@@ -278,7 +278,7 @@ class CPTTrainer:
     # --- evaluate, save, log --------------------------------------------------------------------
     def _parts(self, run: Run, trackers=None) -> dict:
         """The small stateful parts a checkpoint holds besides weights and optimizer states."""
-        trackers = trackers or _Value(run.tracker_state)
+        trackers = trackers or Value(run.tracker_state)
         return {
             "train": self.state,
             "data": run.data,
@@ -391,16 +391,3 @@ class CPTTrainer:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-class _Value:
-    """A stateful part that holds a plain dict (the trackers' state, the same on every rank)."""
-
-    def __init__(self, value: dict):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return self.value
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state
