@@ -244,6 +244,9 @@ def test_resume_on_another_number_of_processes(tiny_qwen, tmp_path):
     out = tmp_path / "two"
     res = _train(_cfg(tiny_qwen, out, data, **kw, **DIST, async_checkpoint=True), tmp_path, "two")
     assert "checkpoint-2: writing in the background" in res.stderr
+    # its last checkpoint, written in the background and consolidated by DCP, is the model
+    # the trainer gathered into final/
+    assert _max_logit_diff(out / "checkpoint-4", out / "final") <= 1e-5
     assert res.returncode == 0, res.stderr[-3000:]
     ref = _losses(out)
     ckpt = str(out / "checkpoint-2")
