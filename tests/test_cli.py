@@ -219,3 +219,23 @@ def test_exit_status_by_error(error, status, monkeypatch, tmp_path, capsys):
         _one_error_line(capsys.readouterr().err)
         == f"qwen-cpt: error: {message or name + ' for the test'}"
     )
+
+
+def test_out_of_host_memory_is_one_line_with_the_size_and_what_to_change(
+    monkeypatch, tmp_path, capsys
+):
+    """PyTorch's real CPU allocator error (an allocation of 128 TiB), raised inside train()."""
+    import torch
+
+    import qwen_cpt.trainer
+
+    def train(self, *args, **kwargs):
+        torch.empty(2**47, dtype=torch.uint8)
+
+    monkeypatch.setattr(qwen_cpt.trainer.CPTTrainer, "train", train)
+    monkeypatch.setattr(qwen_cpt.trainer.CPTTrainer, "__init__", lambda self, cfg: None)
+    argv = ["train", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("qwen-cpt: error: out of host memory (an allocation of 131072.00 GiB")
+    assert "per_device_train_batch_size" in line and "qwen-cpt plan" in line

@@ -222,10 +222,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qwen-cpt: {exc}", file=sys.stderr)
             return 128 + exc.signum
         status = _exit_status(exc)
+        if status is None and _out_of_memory(exc):
+            print(f"qwen-cpt: error: {_out_of_memory(exc)}", file=sys.stderr)
+            return 1
         if status is None:
             raise
         print(f"qwen-cpt: error: {exc}", file=sys.stderr)
         return status
+
+
+_ALLOCATION = re.compile(r"(?:tried to allocate|allocate) ([0-9.]+) ?(bytes|[KMG]i?B)", re.I)
+_UNITS = {
+    "bytes": 1,
+    "kb": 2**10,
+    "kib": 2**10,
+    "mb": 2**20,
+    "mib": 2**20,
+    "gb": 2**30,
+    "gib": 2**30,
+}
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for an out-of-memory error of the host (PyTorch's CPU allocator, MemoryError)
+    or of a GPU (torch.OutOfMemoryError): how much was asked for and what to change."""
+    import torch
+
+    text = str(exc)
+    gpu = isinstance(exc, torch.OutOfMemoryError)
+    host = isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text
+    if not (gpu or host):
+        return None
+    asked = _ALLOCATION.search(text)
+    size = ""
+    if asked:
+        n = float(asked.group(1)) * _UNITS.get(asked.group(2).lower(), 1)
+        size = f" (an allocation of {n / 2**30:.2f} GiB failed)"
+    where = "GPU" if gpu else "host"
+    return (
+        f"out of {where} memory{size}; lower per_device_train_batch_size or max_length, set "
+        "use_gradient_checkpointing: true or fsdp_cpu_offload: true, and see `qwen-cpt plan` "
+        "for what fits"
+    )
 
 
 def _prepare(args: argparse.Namespace) -> int:
