@@ -550,3 +550,28 @@ def test_resuming_a_checkpoint_at_max_steps_says_there_is_nothing_to_train(tiny_
     assert res.returncode == 0, res.stderr
     assert "the checkpoint is at step 2 and this run ends at step 2: no step to train" in res.stderr
     assert sorted(_losses(out)) == [1, 2]
+
+
+def test_a_checkpoint_whose_state_would_run_code_is_refused_as_unsafe(tiny_qwen, tmp_path):
+    """DCP's state/.metadata is a pickle, and a pickle can run code: a resume reads it through
+    an allowlist. A crafted one (manifest rewritten to match) is refused and runs nothing."""
+    import pickle
+
+    from qwen_cpt.checkpoint import write_manifest
+
+    data = _write_data(tmp_path)
+    out = tmp_path / "out"
+    CPTTrainer(_cfg(tiny_qwen, out, data, max_steps=1, save_steps=1)).train()
+    ck = out / "checkpoint-1"
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ck / "state" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    write_manifest(ck)  # an attacker would make the manifest match
+    cfg = _cfg(tiny_qwen, tmp_path / "o2", data, max_steps=2, resume_from_checkpoint=str(ck))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused as unsafe: it would load "):
+        CPTTrainer(cfg).train()
+    assert not marker.exists()

@@ -35,6 +35,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import threading
@@ -350,6 +351,81 @@ def without_tied(model, weights: dict) -> dict:
     return weights
 
 
+# --- reading a checkpoint's state without running its code -------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle; a pickle can run any code. Only the classes a DCP
+    checkpoint holds are allowed: DCP's metadata records, ``torch.Size``, dtypes, layouts, paths."""
+
+    DCP = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    OTHERS = {
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        obj = super().find_class(module, name) if module in self.DCP else None
+        if isinstance(obj, type) or (module, name) in self.OTHERS:
+            return obj or super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _unsafe(path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refused as unsafe: it would load {what}, which no checkpoint of qwen-cpt holds "
+        "(a pickle can run code); resume only from checkpoints you trust"
+    )
+
+
+def _state_reader(path: Path):
+    """DCP's reader for ``state/``, with its pickled metadata read through the allowlist."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta_path = self._get_metadata_path(kwargs.get("rank"))
+            with open(meta_path, "rb") as fh:
+                try:
+                    metadata = _MetadataUnpickler(fh).load()
+                except pickle.UnpicklingError as exc:
+                    raise _unsafe(meta_path, str(exc)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _state_planner(path: Path):
+    """DCP's load planner, reading the non-tensor entries (JSON strings) with
+    ``torch.load(weights_only=True)``, where DCP itself unpickles them freely."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise _unsafe(path / read_item.dest_index.fqn, f"({exc})") from None
+            value = io.BytesIO()
+            torch.save(obj, value)  # the checked object, for DCP's own load_bytes
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner()
+
+
 # --- the manager ------------------------------------------------------------------------------------
 
 
@@ -553,7 +629,7 @@ class CheckpointManager:
         number of processes differs). A rank that the checkpoint has no RNG state for (it was
         saved by fewer processes) starts from rank 0's."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -565,12 +641,13 @@ class CheckpointManager:
         dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=no_dist)
         # DCP refused any weight the files lack; only a tied duplicate is absent here
         set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
-        reader = FileSystemReader(str(Path(path) / STATE_DIR))
+        reader = _state_reader(Path(path) / STATE_DIR)
         saved = reader.read_metadata().state_dict_metadata
         mine = f"rank{self.world.rank}"
         if not any(k.startswith(f"rng.{mine}.") for k in saved):
             state_sd["rng"] = {"rank0": state_sd["rng"][mine]}
-        dcp.load(state_sd, storage_reader=reader, no_dist=no_dist)
+        planner = _state_planner(Path(path) / STATE_DIR)
+        dcp.load(state_sd, storage_reader=reader, planner=planner, no_dist=no_dist)
         for name, opt in optimizers.items():
             set_optimizer_state_dict(model, opt, state_sd["optimizer"][name])
         for name, part in parts.items():
