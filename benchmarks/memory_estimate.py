@@ -146,7 +146,7 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    import qwen_cpt.trainer as trainer_mod
+    import qwen_cpt.run as trainer_mod  # the module that loads the model for the trainer
     from qwen_cpt import CPTConfig, CPTTrainer
     from qwen_cpt.planner import ModelShape, estimate_memory
 
