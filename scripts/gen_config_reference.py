@@ -137,7 +137,34 @@ def render() -> str:
                 f"{_cell(f.metadata.get('help', ''), prose=True)} |"
             )
         lines.append("")
+    lines += _clean_section()
     return "\n".join(lines)
+
+
+def _clean_section() -> list[str]:
+    """The options of ``qwen-cpt clean`` (``CleanOptions``), which are flags, not config fields."""
+    from qwen_cpt.clean.options import CleanOptions, option_types
+
+    types = option_types()
+    lines = [
+        "## `qwen-cpt clean` options",
+        "",
+        "Not `CPTConfig` fields: the flags of `qwen-cpt clean` (`--near-dedup false`, "
+        "`--languages en zh`) and the fields of `qwen_cpt.clean.CleanOptions`, saved in the "
+        "output's `clean_manifest.json`. See the guide's section on cleaning a corpus.",
+        "",
+        "| flag | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(CleanOptions):
+        shown = f"`{_default(f)!r}`"
+        lines.append(
+            f"| `--{f.name.replace('_', '-')}` | {_cell(type_label(types[f.name]))} | "
+            f"{_cell(shown)} | "
+            f"{_cell(f.metadata.get('help', ''), prose=True)} |"
+        )
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

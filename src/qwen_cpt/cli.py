@@ -1,4 +1,5 @@
-"""The ``qwen-cpt`` command line: ``train``, ``tiny-model``, ``demo`` and ``report``.
+"""The ``qwen-cpt`` command line: ``train``, ``prepare``, ``clean``, ``plan``, ``tiny-model``, ``demo``
+and ``report``.
 
 Every ``CPTConfig`` field is a ``train`` flag (``--learning_rate 3e-5`` or ``--learning-rate 3e-5``),
 generated from the dataclass, with the field's help text; a negative value may follow a space
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .planner import add_plan_parser
 
     add_plan_parser(sub)
+
+    from .clean import add_clean_parser
+
+    add_clean_parser(sub)
 
     p = sub.add_parser(
         "tiny-model", help="write a tiny random Qwen2.5-shaped model + real tokenizer"
@@ -305,6 +310,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "clean":
+        from .clean import run_clean
+
+        return run_clean(args)
     if args.command == "plan":
         from .planner import run_plan
 

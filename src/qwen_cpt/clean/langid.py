@@ -1,0 +1,21 @@
+"""Language identification with py3langid, whose model ships inside its wheel (no download).
+
+py3langid is the maintained fork of langid.py (97 languages, a naive-Bayes model over byte
+n-grams); with ``norm_probs=True`` its score is a probability (docs/design.md,
+"Corpus cleaning").
+"""
+
+from __future__ import annotations
+
+
+class LanguageId:
+    def __init__(self, sample_chars: int = 4000):
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self.sample_chars = sample_chars
+
+    def classify(self, text: str) -> tuple[str, float]:
+        """``(ISO 639-1 code, probability)`` of the start of ``text``."""
+        lang, score = self._identifier.classify(text[: self.sample_chars])
+        return str(lang), float(score)
