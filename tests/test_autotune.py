@@ -207,10 +207,9 @@ def test_when_every_candidate_fails_the_loaded_kernel_stays(tiny_qwen, monkeypat
     )
     runtime = Runtime(device=CPU, autocast_dtype=None, attn_implementation="sdpa")
     with caplog.at_level(logging.INFO, logger="qwen_cpt"):
-        attn, compiled = autotune.choose_kernels(
-            model, cfg, runtime, lambda: _packed_positions(30, 34)
-        )
-    assert (attn, compiled) == ("sdpa", False)
+        choice = autotune.choose_kernels(model, cfg, runtime, lambda: _packed_positions(30, 34))
+    assert (choice.attention, choice.compile) == ("sdpa", False)
+    assert choice.record["how"] == {"attention": "default", "compile": "configured"}
     assert model.config._attn_implementation == "sdpa"
     assert "attention: leaky_test not used: output differs from eager attention" in caplog.text
     assert "attention: sdpa (no candidate passed its check and timing here" in caplog.text

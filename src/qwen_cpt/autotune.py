@@ -9,16 +9,21 @@ are decided by measuring, on this device, before the first step:
 - a *probe*: one decoder layer with the model's own code and shapes (a copy of the first layer,
   Liger patches and activation checkpointing included, random weights), the rotary embedding,
   and the run's first micro-batch of ``position_ids`` (so the real document boundaries);
+- the probe runs as training does: in training mode, with activation checkpointing as
+  configured, on the run's micro-batch of several rows (FlashAttention-2 gets it flattened to
+  one row, as the loss gives it: qwen_cpt.loss.flatten_packed);
 - exactness first: each candidate attention gives the layer's output and input gradient of
-  eager attention (plain HF math) with the same block-causal mask, in fp32, on a block of five
-  documents, or it is not used;
+  eager attention (plain HF math) with the same block-causal mask, in fp32, on two rows of
+  several documents each, or it is not used;
 - then time: forward + backward of the probe, plus the mask build (once per forward, shared by
   the layers), counted as ``mask + layers x layer``, median of a few repeats after warm-up;
 - compile is kept only when the compiled layer gives the eager layer's results (training
   precision) and is at least ``COMPILE_MARGIN`` faster.
 
 Under torchrun every rank measures, the times are summed over ranks and a candidate must pass on
-all of them, so all ranks choose the same. On a CPU nothing is measured: FlexAttention has no
+all of them, so all ranks choose the same. The choice, and what it was measured on, goes into
+every checkpoint; a resume on the same kind of device, torch and transformers takes it from
+there instead of measuring again, so timing noise cannot switch kernels mid-run. On a CPU nothing is measured: FlexAttention has no
 backward there (torch 2.13), and compiling took longer than it saved in the CPU runs measured
 (BENCHMARKS.md).
 """
@@ -33,18 +38,22 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .perf import decoder_layers
+from .loss import VARLEN_ATTENTION, varlen_kwargs
+from .perf import compile_layer, decoder_layers, uncompile_layer
 
 log = logging.getLogger("qwen_cpt")
 
-AUTO_CANDIDATES = ("sdpa", "flex_attention")  # on CUDA without flash-attn
+AUTO_CANDIDATES = ("sdpa", "flex_attention")  # on CUDA; flash_attention_2 first where installed
 COMPILE_MARGIN = 0.03  # compile only if >= 3% faster: it costs start-up time and recompiles
 COMPILE_KWARGS: dict = {}  # as compile_decoder_layers: inductor, default mode
-CHECK_DOCUMENTS = (97, 1, 150, 3, 261)  # exactness check: one block of these, 512 tokens
+# exactness check: two rows of 512 tokens, documents of these lengths (a one-token one included)
+CHECK_DOCUMENTS = ((97, 1, 150, 3, 261), (300, 2, 180, 30))
 CHECK_RTOL = 5e-3  # of the reference's largest value; a leaked or missing key moves it by O(1)
+BF16_RTOL = 3e-2  # bf16 rounds each result to about 3 significant digits
 
 
 @dataclass
@@ -98,7 +107,7 @@ def make_probe(
         rotary = type(rotary)(config=config).to(device)
     except TypeError:
         rotary = copy.deepcopy(rotary).to(device)
-    layer.train(model.training)
+    layer.train()  # it measures training: checkpointing (if enabled) recomputes only in train mode
     return Probe(
         layer=layer,
         rotary=rotary,
@@ -120,6 +129,10 @@ def _set_attention(probe: Probe, impl: str) -> None:
 
 
 def _mask(probe: Probe, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """What the model builds once per forward for the layers: the attention mask, or for a
+    varlen kernel (FlashAttention) the flattened batch's segments."""
+    if probe.config._attn_implementation in VARLEN_ATTENTION:
+        return varlen_kwargs(position_ids)
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask(
@@ -132,13 +145,23 @@ def _mask(probe: Probe, hidden: torch.Tensor, position_ids: torch.Tensor):
 
 
 def _layer(probe: Probe, hidden: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
+    shape, kwargs = hidden.shape, {}
+    if isinstance(mask, dict):  # varlen: one row, as qwen_cpt.loss.flatten_packed gives it
+        hidden, position_ids, kwargs, mask = (
+            hidden.reshape(1, -1, shape[-1]),
+            position_ids.reshape(1, -1),
+            mask,
+            None,
+        )
     out = probe.layer(
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
         position_embeddings=probe.rotary(hidden, position_ids),
+        **kwargs,
     )
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(shape)
 
 
 def _forward_backward(probe: Probe, position_ids: torch.Tensor, seed: int = 0):
@@ -154,20 +177,33 @@ def _forward_backward(probe: Probe, position_ids: torch.Tensor, seed: int = 0):
     return out.detach().float(), hidden.grad.float()
 
 
+def check_positions(device) -> torch.Tensor:
+    """``[2, 512]`` positions of :data:`CHECK_DOCUMENTS`: two rows, several documents each."""
+    rows = [torch.cat([torch.arange(n) for n in docs]) for docs in CHECK_DOCUMENTS]
+    return torch.stack(rows).to(device)
+
+
 def check_attention(probe: Probe, impl: str) -> str | None:
-    """None if ``impl`` gives eager attention's output and input gradient, in fp32, on a
-    block of ``CHECK_DOCUMENTS`` (boundaries are sure to be there, a one-token document
-    included, whatever the run's data), else what went wrong."""
-    pos = torch.cat([torch.arange(n) for n in CHECK_DOCUMENTS])[None].to(probe.device)
+    """None if ``impl`` gives eager attention's output and input gradient on two rows of
+    ``CHECK_DOCUMENTS`` (boundaries are sure to be there, a one-token document included,
+    whatever the run's data), in training mode, else what went wrong. In fp32; FlashAttention,
+    which has no fp32 kernel, in bf16 autocast against eager attention in bf16."""
+    pos = check_positions(probe.device)
+    half = impl in VARLEN_ATTENTION
+    precision = (
+        torch.autocast(probe.device.type, dtype=torch.bfloat16)
+        if half
+        else contextlib.nullcontext()
+    )
     try:
-        with _fp32_matmuls():
+        with _fp32_matmuls(), precision:
             _set_attention(probe, "eager")
             ref = _forward_backward(probe, pos)
             _set_attention(probe, impl)
             got = _forward_backward(probe, pos)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is not a choice
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    bad = _largest_difference(got, ref, CHECK_RTOL)
+    bad = _largest_difference(got, ref, BF16_RTOL if half else CHECK_RTOL)
     if bad is None:
         return None
     what, err, scale = bad
@@ -282,7 +318,7 @@ def choose_compile(probe: Probe, ctx=None, timer=None, **compile_kwargs):
     with probe.autocast():
         reference = _forward_backward(probe, probe.position_ids)
     try:
-        probe.layer.compile(**compile_kwargs)
+        compile_layer(probe.layer, **compile_kwargs)  # as the trainer compiles its layers
         with probe.autocast():
             problem = compile_mismatch(
                 _forward_backward(probe, probe.position_ids), reference, probe
@@ -294,7 +330,7 @@ def choose_compile(probe: Probe, ctx=None, timer=None, **compile_kwargs):
     except Exception as exc:  # noqa: BLE001 - a compile failure means eager
         log.warning("torch.compile: not used: compiling a decoder layer failed: %s", exc)
     finally:
-        probe.layer._compiled_call_impl = None  # back to eager
+        uncompile_layer(probe.layer)  # back to eager
     compiled = _agree(ctx, [compiled])[0]
     use = compiled <= (1.0 - COMPILE_MARGIN) * eager
     return use, eager, (compiled if compiled != float("inf") else None)
@@ -304,7 +340,7 @@ def compile_mismatch(got, reference, probe: Probe) -> str | None:
     """What differs between the compiled and the eager layer, or None. bf16 rounds each result
     to about 3 significant digits and compiled code fuses and reorders, so the tolerance there
     is wider than fp32's."""
-    rtol = 3e-2 if probe.autocast_dtype is not None else CHECK_RTOL
+    rtol = BF16_RTOL if probe.autocast_dtype is not None else CHECK_RTOL
     bad = _largest_difference(got, reference, rtol)
     if bad is None:
         return None
@@ -317,25 +353,87 @@ def measures_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class KernelChoice(NamedTuple):
+    """What :func:`choose_kernels` settled: the attention, compile or not, and ``record``, the
+    JSON-able account a checkpoint keeps (``trainer_state.json``, ``"kernels"``)."""
+
+    attention: str
+    compile: bool
+    record: dict
+
+
+def environment(device: torch.device) -> dict:
+    """What a measurement depends on besides the model and the batch: the device kind, torch,
+    transformers and flash-attn. A resume reuses a checkpoint's choice only when these match."""
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = device.type
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    }
+
+
+def reusable(saved: dict | None, device: torch.device) -> tuple[dict | None, str]:
+    """``(saved, why)`` if a checkpoint's ``"kernels"`` record can stand for this run's
+    measurement, else ``(None, why not)``."""
+    if not saved or "attention" not in saved or "compile" not in saved:
+        return None, "the checkpoint records no kernel choice"
+    then, now = saved.get("measured_on", {}).get("environment"), environment(device)
+    if then != now:
+        changed = [
+            f"{k} {then.get(k) if then else None!r} -> {now[k]!r}"
+            for k in now
+            if not then or then.get(k) != now[k]
+        ]
+        return None, "the checkpoint's choice was measured elsewhere (" + ", ".join(changed) + ")"
+    return saved, "measured when the run started, reused on resume"
+
+
 def choose_kernels(
-    model, cfg, runtime, first_position_ids: Callable[[], torch.Tensor], ctx=None
-) -> tuple[str, bool]:
+    model,
+    cfg,
+    runtime,
+    first_position_ids: Callable[[], torch.Tensor],
+    ctx=None,
+    saved: dict | None = None,
+) -> KernelChoice:
     """Settle ``attention_implementation`` and ``use_torch_compile`` for this run; returns
-    (attention, compile?) with ``model`` switched to that attention and every choice logged.
-    ``first_position_ids()`` gives the run's first micro-batch positions, read only when
-    something is measured."""
+    (attention, compile?, record) with ``model`` switched to that attention and every choice
+    logged. ``first_position_ids()`` gives the run's first micro-batch positions, read only when
+    something is measured. ``saved``: the ``"kernels"`` record of the checkpoint a run resumes
+    from; its auto choices are taken as they are (see :func:`reusable`) rather than measured
+    again. ``ctx`` (the World) makes every rank decide alike: which candidates there are, each
+    check, each time."""
     attn, dev = runtime.attn_implementation, runtime.device
     measured = measures_on(dev)
-    auto_attn = cfg.attention_implementation == "auto" and attn != "flash_attention_2"
+    has_flash = attn == "flash_attention_2"
+    if measured and ctx is not None:
+        has_flash = ctx.all_ok(has_flash)  # a rank without flash-attn: none uses it
+    auto_attn = cfg.attention_implementation == "auto"
     auto_compile = cfg.use_torch_compile is None
+    candidates = (("flash_attention_2",) if has_flash else ()) + AUTO_CANDIDATES
+    if attn == "flash_attention_2" and not has_flash:
+        attn = "sdpa"
     why = "as configured"
-    if attn == "flash_attention_2" and cfg.attention_implementation == "auto":
-        why = "CUDA with flash-attn: varlen kernels, no mask"
-    elif auto_attn and not measured:
+    if auto_attn and not measured:
         why = "on a CPU; FlexAttention has no backward here"
-    probe = None
-    if measured and (auto_attn or auto_compile):
-        probe = make_probe(model, first_position_ids(), dev, runtime.autocast_dtype)
+    reused, reuse_why = (None, "")
+    if saved is not None and measured and (auto_attn or auto_compile):
+        reused, reuse_why = reusable(saved, dev)
+        if ctx is not None and not ctx.all_ok(reused is not None):  # all ranks, or none
+            reused, reuse_why = None, reuse_why if reused is None else "not so on another rank"
+        if reused is None:
+            log.info("autotune: measuring again: %s", reuse_why)
+    probe, positions = None, None
+    if measured and reused is None and (auto_attn or auto_compile):
+        positions = first_position_ids()
+        probe = make_probe(model, positions, dev, runtime.autocast_dtype)
         if probe is None:
             log.info(
                 "autotune: nothing measured (%s has no decoder layer that runs alone)",
@@ -344,29 +442,38 @@ def choose_kernels(
         else:
             fields = [("attention_implementation", auto_attn), ("use_torch_compile", auto_compile)]
             log.info(
-                "autotune: measuring on one decoder layer on this GPU (set %s to skip)",
+                "autotune: measuring on one decoder layer on this GPU, in training mode (set %s "
+                "to skip)",
                 " and ".join(name for name, auto in fields if auto),
             )
-    if probe is not None and auto_attn:
-        best, times = choose_attention(probe, AUTO_CANDIDATES, ctx)
+    how = {"attention": "configured" if not auto_attn else "default", "compile": "configured"}
+    if reused is not None and auto_attn:
+        attn, why, how["attention"] = reused["attention"], reuse_why, "resumed"
+    elif probe is not None and auto_attn:
+        best, times = choose_attention(probe, candidates, ctx)
         if best is not None:
-            attn, why = best, "measured here: " + _seconds(times)
+            attn, why, how["attention"] = best, "measured here: " + _seconds(times), "measured"
         else:
             why = "no candidate passed its check and timing here; the default"
-        if cfg.use_flash_attention and importlib.util.find_spec("flash_attn") is None:
+        if cfg.use_flash_attention and not has_flash:
             why += "; flash-attn is not installed: pip install qwen-cpt[gpu]"
     model.set_attn_implementation(attn)  # transformers >= 4.56; the mask follows the config
     log.info("attention: %s (%s)", attn, why)
 
     use_compile = bool(cfg.use_torch_compile)
-    if auto_compile and probe is None:
+    if auto_compile and reused is not None:
+        use_compile, how["compile"] = bool(reused["compile"]), "resumed"
+        log.info("torch.compile: %s (%s)", "on" if use_compile else "off", reuse_why)
+    elif auto_compile and probe is None:
         reason = (
             "nothing to measure" if measured else "on a CPU: compiling took longer than it saved"
         )
+        how["compile"] = "default"
         log.info("torch.compile: off (%s)", reason)
     elif auto_compile:
         _set_attention(probe, attn)
         use_compile, eager, compiled = choose_compile(probe, ctx, **COMPILE_KWARGS)
+        how["compile"] = "measured"
         log.info(
             "torch.compile: %s (measured here: the layers of a micro-batch take %s eager, "
             "%s compiled)",
@@ -378,7 +485,22 @@ def choose_kernels(
         del probe  # start the peak memory statistic (memory_gb) from the training alone
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    return attn, use_compile
+    if reused is not None:
+        measured_on = reused.get("measured_on", {})
+    else:
+        measured_on = {"environment": environment(dev)}
+        if positions is not None:
+            measured_on["batch"] = list(positions.shape)
+            measured_on["documents"] = int(document_count(positions))
+    record = {"attention": attn, "compile": use_compile, "how": how, "measured_on": measured_on}
+    return KernelChoice(attn, use_compile, record)
+
+
+def document_count(position_ids: torch.Tensor) -> int:
+    """Documents in a ``[rows, seq]`` packed batch (each row's start begins one)."""
+    from .loss import document_starts
+
+    return int(document_starts(position_ids.cpu()).sum())
 
 
 def _ms(seconds: float | None) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -42,41 +43,76 @@ PATCHES = {
 TOLERANCE = dict(rtol=1e-3, atol=1e-4)  # fp32 on both sides; Triton reorders sums
 
 
-def enable_liger(model, device: torch.device) -> Callable | None:
+def enable_liger(model, device: torch.device, world=None) -> Callable | None:
     """Patch ``model`` with Liger's kernels and return its fused linear cross-entropy
-    (``fn(weight, hidden, labels, bias) -> summed loss``), each only if it passes its check."""
+    (``fn(weight, hidden, labels, bias) -> summed loss``), each only if it passes its check.
+
+    ``world`` (:class:`qwen_cpt.distributed.World`): under torchrun each part is used only if
+    it passed on every rank, so all ranks run the same kernels; every rank takes part in the
+    agreement whether liger-kernel imports on it or not."""
     if device.type != "cuda":
         return None
+    liger = None
     if importlib.util.find_spec("liger_kernel") is None:
         log.info("kernels: PyTorch's (liger-kernel is not installed: pip install qwen-cpt[gpu])")
-        return None
-    try:
-        liger = importlib.import_module("liger_kernel.transformers")
-    except Exception as exc:  # noqa: BLE001 - a broken install must not stop training
-        log.warning("kernels: liger-kernel could not be imported (%s); using PyTorch's", exc)
-        return None
-    patch = getattr(liger, PATCHES.get(model.config.model_type, ""), None)
-    if patch is None:
-        log.info("kernels: Liger has no patch for %s here", model.config.model_type)
     else:
-        problem = patch_and_verify(model, patch, device)
-        if problem:
-            log.warning("kernels: Liger's RMSNorm/SwiGLU/RoPE not used: %s", problem)
-        else:
-            log.info("kernels: Liger's RMSNorm, SwiGLU and RoPE (checked on this device)")
-    loss = verified_fused_ce(getattr(liger, "LigerFusedLinearCrossEntropyLoss", None), device)
+        try:
+            liger = importlib.import_module("liger_kernel.transformers")
+        except Exception as exc:  # noqa: BLE001 - a broken install must not stop training
+            log.warning("kernels: liger-kernel could not be imported (%s); using PyTorch's", exc)
+    return apply_liger(liger, model, device, world)
+
+
+def apply_liger(liger, model, device: torch.device, world=None) -> Callable | None:
+    """The checks and the agreement of :func:`enable_liger` for the module ``liger`` (None: not
+    available on this rank, which then votes no)."""
+    agree = world.all_ok if world is not None else bool
+    patch = getattr(liger, PATCHES.get(model.config.model_type, ""), None)
+    if liger is not None and patch is None:
+        log.info("kernels: Liger has no patch for %s here", model.config.model_type)
+    problem = patch_and_verify(model, patch, device, agree)
+    if problem and patch is not None:
+        log.warning("kernels: Liger's RMSNorm/SwiGLU/RoPE not used: %s", problem)
+    elif patch is not None:
+        log.info("kernels: Liger's RMSNorm, SwiGLU and RoPE (checked on this device)")
+    loss_cls = getattr(liger, "LigerFusedLinearCrossEntropyLoss", None)
+    loss = verified_fused_ce(loss_cls, device) if liger is not None else None
+    if not agree(loss is not None):
+        if loss is not None:
+            log.warning(
+                "loss: Liger's fused linear cross-entropy not used: it failed on another rank"
+            )
+        loss = None
     if loss is not None:
         log.info("loss: Liger's fused linear cross-entropy (checked on this device)")
     return loss
 
 
+def fused_ce_kwargs(loss_cls) -> dict:
+    """Arguments for ``loss_cls``: a summed loss, our ignore index, and fp32 accumulation of the
+    LM head's weight and bias gradients where its signature offers ``accum_dtype``.
+
+    Liger >= 0.6 sums ``grad_weight`` over its chunks in the parameter's dtype unless
+    ``accum_dtype`` is given (docs/design.md, "Liger kernels"): in bf16 that drops the low bits
+    of 32 to 128 partial sums; our chunked loss sums in fp32, and so must Liger's."""
+    kwargs = dict(ignore_index=IGNORE_INDEX, reduction="sum")
+    try:
+        params = inspect.signature(loss_cls).parameters
+    except (TypeError, ValueError):  # no signature to read: call it as before
+        return kwargs
+    if "accum_dtype" in params:
+        kwargs["accum_dtype"] = torch.float32
+    return kwargs
+
+
 def verified_fused_ce(loss_cls, device: torch.device) -> Callable | None:
-    """``loss_cls(reduction="sum")`` if it matches PyTorch's loss and gradients, else None."""
+    """``loss_cls(**fused_ce_kwargs(loss_cls))`` if it matches PyTorch's loss and gradients,
+    else None."""
     if loss_cls is None:
         log.warning("loss: liger-kernel has no LigerFusedLinearCrossEntropyLoss; using ours")
         return None
     try:
-        fn = loss_cls(ignore_index=IGNORE_INDEX, reduction="sum")
+        fn = loss_cls(**fused_ce_kwargs(loss_cls))
         gen = torch.Generator().manual_seed(0)
         hidden = torch.randn(37, 64, generator=gen).to(device)
         weight = (torch.randn(300, 64, generator=gen) * 0.1).to(device)
@@ -105,36 +141,47 @@ def verified_fused_ce(loss_cls, device: torch.device) -> Callable | None:
     return fn
 
 
-def patch_and_verify(model, patch: Callable, device: torch.device) -> str | None:
+def patch_and_verify(model, patch: Callable | None, device: torch.device, agree=bool) -> str | None:
     """Apply ``patch(model=...)``'s kernels to ``model`` if they pass on a one-layer copy of its
-    architecture; else undo the module-level changes and say why (None: patched)."""
+    architecture (on every rank: ``agree(ok)`` is True only if it passed on all); else undo the
+    module-level changes and say why (None: patched). ``patch=None`` (nothing to apply on this
+    rank) still takes part in the agreement."""
     modeling = sys.modules.get(type(model).__module__)
     saved = dict(vars(modeling)) if modeling is not None else {}
     kwargs = dict(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
-    try:
-        reference = _one_layer_like(model).to(device)
-        patched = copy.deepcopy(reference)
-        want = _logits_and_grads(reference, device)  # before any patch
-        patch(model=patched, **kwargs)
-        got = _logits_and_grads(patched, device)
-        for g, w in zip(got, want):
-            if not torch.allclose(g, w, **TOLERANCE):
-                raise ValueError(
-                    f"a one-layer {model.config.model_type} differs with the patch "
-                    f"(max {(g - w).abs().max().item():.2e})"
-                )
-        patch(model=model, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - undo, and train with transformers' modules
-        if modeling is not None:
-            for name in set(vars(modeling)) - set(saved):
-                delattr(modeling, name)
-            for name, value in saved.items():
-                if vars(modeling).get(name) is not value:
-                    setattr(modeling, name, value)
-        return str(exc)
-    return None
+    problem = None if patch is not None else "no Liger patch on this rank"
+    if patch is not None:
+        try:
+            reference = _one_layer_like(model).to(device)
+            patched = copy.deepcopy(reference)
+            want = _logits_and_grads(reference, device)  # before any patch
+            patch(model=patched, **kwargs)
+            got = _logits_and_grads(patched, device)
+            for g, w in zip(got, want):
+                if not torch.allclose(g, w, **TOLERANCE):
+                    raise ValueError(
+                        f"a one-layer {model.config.model_type} differs with the patch "
+                        f"(max {(g - w).abs().max().item():.2e})"
+                    )
+        except Exception as exc:  # noqa: BLE001 - undo, and train with transformers' modules
+            problem = str(exc) or type(exc).__name__
+    if agree(problem is None):
+        try:
+            patch(model=model, **kwargs)
+            return None
+        except Exception as exc:  # noqa: BLE001
+            problem = str(exc) or type(exc).__name__
+    elif problem is None:
+        problem = "it failed its check on another rank"
+    if modeling is not None:
+        for name in set(vars(modeling)) - set(saved):
+            delattr(modeling, name)
+        for name, value in saved.items():
+            if vars(modeling).get(name) is not value:
+                setattr(modeling, name, value)
+    return problem
 
 
 def _one_layer_like(model):

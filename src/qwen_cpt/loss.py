@@ -70,10 +70,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
         )
         buf = _logits_buffer(head, rows, chunk_size)
+        on_cpu = hidden.device.type == "cpu"
         for start in range(0, rows, chunk_size):
             y = labels[start : start + chunk_size]
             valid = y != IGNORE_INDEX
-            if not bool(valid.any()):
+            if on_cpu and not bool(valid.any()):  # a host read is free on a CPU, a sync on GPU
                 continue
             h = hidden[start : start + chunk_size].to(compute_dtype)
             logits = buf[: h.shape[0]]
@@ -92,11 +93,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             loss += torch.where(valid, lse - target, 0.0).sum()
             if not want_grad:
                 continue
-            # d(sum CE)/d(logits) = softmax - one_hot(label), zero on ignored rows
-            logits.div_(denom.unsqueeze(1))
+            # d(sum CE)/d(logits) = softmax - one_hot(label), zero on ignored rows: one scale
+            # per row does both, without asking the host whether any row is ignored
+            logits.mul_((valid / denom).unsqueeze(1))
             logits.scatter_add_(1, y_safe, -valid.unsqueeze(1).to(logits.dtype))
-            if not bool(valid.all()):
-                logits.mul_(valid.unsqueeze(1))
             g = logits if compute_dtype == torch.float32 else logits.to(compute_dtype)
             grad_h[start : start + chunk_size] = torch.mm(g, w).to(hidden.dtype)
             if compute_dtype == torch.float32:
@@ -163,6 +163,65 @@ def liger_lm_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, fused_ce
         return fused_ce(head.weight.to(dtype), h.to(dtype), y, bias).float()
 
 
+# Attention kernels that keep packed documents apart only within a one-row batch: with more rows
+# transformers runs plain causal attention over each row, so a token would see the earlier
+# documents of its block (docs/design.md, "FlashAttention-2 and packed batches").
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def needs_flattening(model) -> bool:
+    """Whether ``model``'s attention needs :func:`flatten_packed` batches."""
+    return getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where a document starts in ``position_ids`` ``[rows, seq]``: every row start, and every
+    token whose position is not the previous one plus one (transformers' rule for the
+    block-causal mask, ``find_packed_sequence_indices``), so the varlen path cuts exactly where
+    SDPA's mask does."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """FlashAttention's varlen arguments for ``position_ids`` ``[rows, seq]`` flattened to one
+    row: ``cu_seq_lens_q/k`` (int32, on the positions' device) and ``max_length_q/k``.
+
+    Worked out on the host from one small copy of the positions: one sync per micro-batch,
+    where transformers' own derivation from ``position_ids`` reads the device twice per layer.
+    """
+    host = position_ids.detach().to("cpu", non_blocking=False)
+    idx = document_starts(host).reshape(-1).nonzero().reshape(-1)
+    cu = torch.cat([idx, torch.tensor([host.numel()])]).to(torch.int32)
+    max_length = int(cu.diff().max())
+    cu = cu.to(position_ids.device)
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
+
+
+def flatten_packed(batch: dict[str, torch.Tensor]) -> dict:
+    """A ``[rows, seq]`` packed batch as one ``[1, rows x seq]`` row, as transformers'
+    ``DataCollatorWithFlattening`` builds it: ``position_ids`` keep restarting per document,
+    the first token of every row is no target (in the rows it was never one: the loss shifts
+    within a row), and the varlen arguments name every document, rows' starts included. The
+    summed loss and every token's logits equal those of the batch as rows under SDPA's
+    block-causal mask."""
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX  # the row joins: the previous row's last token predicts nothing
+    return {
+        "input_ids": batch["input_ids"].reshape(1, -1),
+        "position_ids": batch["position_ids"].reshape(1, -1),
+        "labels": labels.reshape(1, -1),
+        **varlen_kwargs(batch["position_ids"]),
+    }
+
+
 def lm_loss_sum(
     model,
     batch: dict[str, torch.Tensor],
@@ -173,12 +232,17 @@ def lm_loss_sum(
     """Forward ``batch`` and return the summed token loss (fp32 scalar).
 
     ``fused_ce``: Liger's verified fused linear cross-entropy, used instead of the chunked loss.
+    Under FlashAttention the batch is flattened to one row first (:func:`flatten_packed`).
     """
+    if needs_flattening(model) and "cu_seq_lens_q" not in batch:
+        batch = flatten_packed(batch)
+    varlen = {k: batch[k] for k in VARLEN_KEYS if k in batch}
     kwargs = dict(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=None,  # with restarting position_ids: the block-causal packed mask
         use_cache=False,
+        **varlen,
     )
     if chunked:
         base = getattr(model, model.base_model_prefix)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ def resolve_runtime(
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device: {device!r} was asked for, but CUDA is not available")
+    if dev.type == "cuda":
+        dev = select_cuda_device(dev)
 
     dtype = None
     if use_bf16:
@@ -85,6 +88,80 @@ def resolve_runtime(
             "(pip install qwen-cpt[gpu]); use auto or sdpa"
         )
     return Runtime(device=dev, autocast_dtype=dtype, attn_implementation=attn)
+
+
+def select_cuda_device(dev: torch.device) -> torch.device:
+    """Make ``dev`` (``cuda`` or ``cuda:N``) the current CUDA device and return it with its index.
+
+    Tensors placed on ``cuda:N`` go there, but kernels launched without an explicit device
+    (Triton's, hence Liger's; ``torch.cuda.*`` calls without an argument) use the *current*
+    device, which stays 0 unless set."""
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device: cuda:{index} was asked for, but this machine has "
+            f"{torch.cuda.device_count()} GPU(s)"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``deterministic: true``: the same inputs give the same bits on a GPU, at some speed.
+
+    Sets ``torch.use_deterministic_algorithms(True)`` (an op with no deterministic
+    implementation then raises, naming itself), the cuBLAS workspace
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` that cuBLAS needs for reproducible results (read when
+    the first cuBLAS handle is made: before the model loads), cuDNN without autotuning, and
+    ``FLASH_ATTENTION_DETERMINISTIC=1``, which transformers passes to flash-attn's backward.
+    Off (the default): nothing is changed, and the attention backward on CUDA may sum in a
+    different order from one run to the next (docs/design.md, "Determinism on CUDA").
+    """
+    if not enabled:
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    log.info("deterministic: on (deterministic algorithms, cuBLAS workspace %s)", CUBLAS_WORKSPACE)
+
+
+# --- FlexAttention under autocast ---------------------------------------------------------------
+
+
+def flex_in_autocast_dtype(flex_forward):
+    """``flex_forward`` (transformers' ``flex_attention_forward``) with q, k and v cast to the
+    autocast dtype first.
+
+    Under autocast, HF's rotary embedding multiplies bf16 q/k by fp32 cos/sin, so q and k come
+    out fp32 while v is bf16; FlexAttention, which autocast does not cover, would then run in
+    fp32 (or refuse the mix), which is slow and makes the start-up measurement reject it for
+    the wrong reason."""
+
+    def forward(module, query, key, value, *args, **kwargs):
+        device = query.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+        return flex_forward(module, query, key, value, *args, **kwargs)
+
+    forward.wrapped_for_autocast = flex_forward
+    return forward
+
+
+def install_flex_autocast() -> None:
+    """Route ``flex_attention`` through :func:`flex_in_autocast_dtype` (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS.get("flex_attention")
+    if current is None or hasattr(current, "wrapped_for_autocast"):
+        return
+    AttentionInterface.register("flex_attention", flex_in_autocast_dtype(current))
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -179,6 +256,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     _check_source(path, "model_name_or_path")
+    install_flex_autocast()  # the trainer may switch to flex_attention after measuring
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -203,6 +281,7 @@ def build_model_skeleton(path: str, runtime: Runtime, trust_remote_code: bool = 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_source(path, "model_name_or_path")
+    install_flex_autocast()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

@@ -148,13 +148,73 @@ def compile_decoder_layers(model, **compile_kwargs: Any) -> int:
 
     Per layer rather than the whole model: every layer has the same code, so one compiled graph
     serves them all (compile time does not grow with depth), the embedding, mask construction
-    and chunked loss stay eager, and ``Module.compile`` keeps parameter names unchanged, so
-    checkpoints and resume are unaffected. Activation checkpointing applied to the layers
-    stays in force (dynamo traces the non-reentrant checkpoint). Meant for CUDA; on a CPU the
-    first step pays the compilation (about 25 s for a 2-layer model on 2 cores) for no gain.
+    and chunked loss stay eager, and parameter names are unchanged, so checkpoints and resume
+    are unaffected. Activation checkpointing applied to the layers stays in force (dynamo
+    traces the non-reentrant checkpoint). Under FSDP2 call this after ``fully_shard``: each
+    layer's ``forward`` is compiled, not its ``__call__``, so the hooks ``fully_shard`` adds run
+    eagerly around the compiled code instead of breaking its graph (:func:`compile_layer`).
+    Meant for CUDA; on a CPU the first step pays the compilation (about 25 s for a 2-layer
+    model on 2 cores) for no gain.
     """
     layers = decoder_layers(model)
+    guard_per_layer_recompiles(len(layers))
     for layer in layers:
-        layer.compile(**compile_kwargs)
+        compile_layer(layer, **compile_kwargs)
     log.info("torch.compile: %d decoder layers (compiled on their first step)", len(layers))
     return len(layers)
+
+
+def compile_layer(layer: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """Compile ``layer.forward`` and mark the layer compiled as ``Module.compile`` does.
+
+    ``Module.compile`` compiles ``_call_impl``, which runs the module's hooks: FSDP2's
+    ``fully_shard`` hooks (all-gather before, reshard after) would then sit inside the compiled
+    call, where dynamo skips them with graph breaks (``torch._dynamo.config.skip_fsdp_hooks``).
+    Here ``_call_impl`` stays eager, hooks included, and only ``forward`` is compiled.
+    ``layer._compiled_call_impl is not None`` tells a compiled layer, as with
+    ``Module.compile``; :func:`uncompile_layer` undoes it.
+    """
+    layer.forward = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
+    layer._compiled_call_impl = layer._call_impl  # eager hooks around the compiled forward
+
+
+def uncompile_layer(layer: torch.nn.Module) -> None:
+    """Back to eager after :func:`compile_layer` (or ``Module.compile``)."""
+    layer.__dict__.pop("forward", None)
+    layer._compiled_call_impl = None
+
+
+def guard_per_layer_recompiles(num_layers: int) -> None:
+    """Let the decoder layers share one compiled graph although they differ in int attributes.
+
+    Dynamo specialises on the int attributes of a module by default
+    (``torch._dynamo.config.allow_unspec_int_on_nn_module = False``), so attention code that
+    uses ``module.layer_idx`` in the traced computation compiles once per layer, and past
+    ``recompile_limit`` (8) the remaining layers run uncompiled without an error. Unspecialised,
+    such an int becomes a symbolic input after the first recompile: two graphs for any depth.
+    The limit is also raised to cover the layers, so a model whose layers differ for another
+    reason still compiles every layer (slowly) rather than silently running part eagerly.
+    """
+    config = torch._dynamo.config
+    if hasattr(config, "allow_unspec_int_on_nn_module"):
+        config.allow_unspec_int_on_nn_module = True
+    if getattr(config, "recompile_limit", None) is not None:
+        config.recompile_limit = max(config.recompile_limit, num_layers + 2)
+
+
+# --- host to device ---------------------------------------------------------------------------------
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``. On CUDA the host tensors are pinned first, so the copy is truly
+    asynchronous: ``non_blocking=True`` from pageable memory is a synchronous copy in disguise
+    (the CUDA driver stages it through a pinned buffer while the host waits)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {
+        k: (v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v).to(
+            device, non_blocking=True
+        )
+        for k, v in batch.items()
+    }
