@@ -23,6 +23,7 @@ from qwen_cpt.report import (
     human,
     load_run,
     runtime,
+    score_changes,
     smoothing_weight,
     write_report,
 )
@@ -264,7 +265,12 @@ def test_two_run_comparison(tmp_path):
     assert out == a / "report.html"
     page = out.read_text()
     assert "lr-5e-5" in page and "lr-1e-4-muon" in page
-    assert "Training report: lr-5e-5 vs lr-1e-4-muon" in page
+    # the same model, no source, the same day: the folder's name tells them apart
+    day = load_run(a).name.rsplit(" · ", 1)[1]
+    assert (
+        f"Training report: Qwen2.5-0.5B · {day} (lr-5e-5) vs Qwen2.5-0.5B · {day} (lr-1e-4-muon)"
+        in page
+    )
     assert len(embedded_pngs(page)) == 4
     for chart in CHARTS:
         assert_real_png(a / f"report_{chart}.png")
@@ -330,7 +336,10 @@ def test_cli_report(tmp_path, capsys):
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", seed=5)
     assert main(["report", str(a), str(b)]) == 0
     assert capsys.readouterr().out.strip() == str(a / "report.html")
-    assert "Training report: a vs b" in (a / "report.html").read_text()
+    assert re.search(
+        r"Training report: Qwen2\.5-0\.5B · [0-9-]+ \(a\) vs Qwen2\.5-0\.5B · [0-9-]+ \(b\)",
+        (a / "report.html").read_text(),
+    )
 
 
 def test_cli_report_out_and_errors(tmp_path, capsys):
@@ -373,3 +382,131 @@ def test_report_renders_in_a_headless_browser(tmp_path):
         timeout=60,
     )
     assert_real_png(shot)
+
+
+# --- what the run used, perplexity, smoothing, names, downstream scores -------------------------------
+
+
+def _append_records(run: Path, records: list[dict]) -> None:
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _row(page: str, label: str) -> str:
+    """The <tr> of a table row whose first cell contains ``label``."""
+    m = re.search(r"<tr[^>]*>(?:(?!</tr>).)*" + re.escape(label) + r"(?:(?!</tr>).)*</tr>", page)
+    assert m, label
+    return m.group(0)
+
+
+def test_setup_shows_the_kernel_and_precision_used_not_the_config(tmp_path):
+    run = make_run(tmp_path / "cpu", use_flash_attention=True, use_bf16=True)
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(records[0])
+    first.update(attention="sdpa", precision="fp32", torch_compile=False)
+    (run / "metrics.jsonl").write_text("\n".join([json.dumps(first), *records[1:]]) + "\n")
+    page = write_report([run]).read_text()
+    assert '<span data-metric="attention">sdpa</span>' in page
+    assert '<span data-metric="precision">fp32</span>' in page
+    assert '<span data-metric="torch_compile">off</span>' in page
+    # an old run that did not log them says so instead of repeating the config
+    old = write_report([make_run(tmp_path / "old", use_flash_attention=True)]).read_text()
+    assert '<span data-metric="attention">not recorded' in old
+    assert "flash_attention_2" not in old
+
+
+def test_perplexity_per_eval_set_final_and_best(tmp_path):
+    run = make_run(tmp_path / "ppl", steps=40, eval_every=10)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "eval_loss/general" in r:  # general is best at step 0 (forgetting), domain at the end
+            r["eval_ppl/general"] = math.exp(r["eval_loss/general"])
+            r["eval_ppl/domain"] = math.exp(r["eval_loss/domain"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = write_report([run]).read_text()
+    general, domain = _row(page, ">general <code"), _row(page, ">domain <code")
+    # general: before 2.6, after 2.65, best 2.6 at step 0 with perplexity e^2.6 = 13.5
+    assert re.search(
+        r">2\.6000<span class=\"step\">step 0</span></td><td[^>]*><span data-metric=\"eval_ppl/general\">13\.5<",
+        general,
+    )
+    assert f"{math.exp(2.6):.3g} → {math.exp(2.65):.3g}" in general
+    # domain: best is the last eval, 2.6 at step 40
+    assert re.search(
+        r">2\.6000<span class=\"step\">step 40</span></td><td[^>]*><span data-metric=\"eval_ppl/domain\">13\.5<",
+        domain,
+    )
+    # the summary has the last overall eval perplexity: e^2.6
+    assert re.search(r'data-metric="eval_ppl">eval perplexity, last</th>', page)
+
+
+@pytest.mark.parametrize("steps", [8, 60])
+def test_train_loss_is_called_smoothed_only_when_it_is(tmp_path, steps):
+    run = make_run(tmp_path / f"s{steps}", steps=steps)
+    page = write_report([run]).read_text()
+    losses = [
+        json.loads(x)["loss"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    cell = re.search(r'<td class="num">([0-9.]+)<div class="step">([^<]*)</div></td>', page)
+    assert cell, "the train loss cell"
+    value, note = float(cell.group(1)), cell.group(2)
+    if steps == 8:  # too short: the raw last value, said to be raw
+        assert value == round(losses[-1], 4) and "too few to smooth" in note
+    else:
+        w = smoothing_weight(len(losses))
+        assert value == round(ema(losses, w)[-1], 4) != round(losses[-1], 4)
+        assert f"as logged {losses[-1]:.4f}" in note and "EMA" in note
+
+
+def test_runs_are_named_by_run_name_or_model_source_and_date(tmp_path):
+    import datetime as dt
+
+    named = make_run(tmp_path / "run", run_name="legal-cpt-v2")
+    assert load_run(named).name == "legal-cpt-v2"
+    import yaml
+
+    out = make_run(tmp_path / "out")  # make_run's own `sources` are eval sets: edit config.yaml
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["sources"] = [{"name": "legal", "files": ["x.jsonl"]}, {"name": "web", "files": ["y"]}]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    today = dt.date.fromtimestamp((out / "config.yaml").stat().st_mtime).isoformat()
+    assert load_run(out).name == f"Qwen2.5-0.5B · legal · {today}"
+    files = make_run(tmp_path / "out2", train_files=["data/court_rulings.jsonl"])
+    assert load_run(files).name == f"Qwen2.5-0.5B · court_rulings.jsonl · {today}"
+    page = write_report([named]).read_text()
+    assert "<title>Training report: legal-cpt-v2</title>" in page
+
+
+def test_downstream_before_and_after_with_verdicts(tmp_path):
+    run = make_run(tmp_path / "ds", steps=20, eval_every=10)
+    d = "downstream/"
+    _append_records(run, [
+        {"step": 0, f"{d}code_mc/acc": 0.25, f"{d}code_mc/acc_stderr": 0.02,
+         f"{d}docs_mc/acc": 0.50, f"{d}docs_mc/acc_stderr": 0.05,
+         f"{d}general_mc/acc": 0.60, f"{d}general_mc/acc_stderr": 0.02,
+         f"{d}wiki/word_perplexity": 30.0},
+        {"step": 20, f"{d}code_mc/acc": 0.40, f"{d}code_mc/acc_stderr": 0.02,
+         f"{d}docs_mc/acc": 0.55, f"{d}docs_mc/acc_stderr": 0.05,
+         f"{d}general_mc/acc": 0.50, f"{d}general_mc/acc_stderr": 0.02,
+         f"{d}wiki/word_perplexity": 25.0},
+    ])  # fmt: skip
+    changes = {c.key: c for c in score_changes(load_run(run))}
+    assert set(changes) == {
+        f"{d}code_mc/acc",
+        f"{d}docs_mc/acc",
+        f"{d}general_mc/acc",
+        f"{d}wiki/word_perplexity",
+    }
+    assert changes[f"{d}code_mc/acc"].verdict == "better"  # +0.15 > 2*sqrt(2)*0.02 = 0.057
+    assert changes[f"{d}docs_mc/acc"].verdict == "same"  # +0.05 < 2*sqrt(2)*0.05 = 0.141
+    assert changes[f"{d}general_mc/acc"].verdict == "worse"
+    assert changes[f"{d}wiki/word_perplexity"].verdict == "better"  # lower perplexity is better
+    page = write_report([run]).read_text()
+    assert page.index('id="downstream"') < page.index('id="learning"')  # at the top
+    code = _row(page, 'data-metric="downstream/code_mc/acc">code_mc')
+    assert "0.2500" in code and "0.4000" in code and "+0.1500" in code and "▲ better" in code
+    assert "same within noise" in _row(page, ">docs_mc<")
+    assert "Got worse: general_mc acc." in page
+    assert "not in the metric registry" not in page

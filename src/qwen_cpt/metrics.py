@@ -22,6 +22,7 @@ CONDITIONS = {
     "multi_process": "more than one process (torchrun)",
     "flops": "the model's FLOPs per token are known (dense decoder architectures)",
     "peak": "the device's bf16 peak is known (a known GPU, or peak_tflops)",
+    "downstream": "eval_tasks is set (lm-evaluation-harness tasks)",
 }
 
 
@@ -30,7 +31,7 @@ class Metric:
     name: str  # the exact key, or a family prefix ending in "/"
     label: str  # what a reader calls it
     unit: str  # "" when it has none
-    fmt: str  # a format spec, or human (1.23K), pct (a fraction, as 12.3%), duration (1h 02m)
+    fmt: str  # a format spec, or human (1.23K), pct (a fraction, as 12.3%), duration (1h 02m), text
     logged: str  # when: start (step 0 of a fresh run), step (each logging step), eval, end
     chart: str | None  # the report chart it is drawn in: loss, lr, throughput, memory, mix
     table: str | None  # the report table it is listed in: summary, forgetting, cost, mix, setup
@@ -65,6 +66,11 @@ METRICS: tuple[Metric, ...] = tuple(Metric(*row) for row in (
     ("eval_ppl",                  "eval perplexity",          "",            "human",    "eval",  None,         "forgetting", True,    "eval"),
     ("eval_loss/",                "eval loss",                "nats/token",  ".4f",      "eval",  "loss",       "forgetting", True,    "eval_sets"),
     ("eval_ppl/",                 "eval perplexity",          "",            "human",    "eval",  None,         "forgetting", True,    "eval_sets"),
+    # <task>/<metric> of lm-eval; higher is better but for the names qwen_cpt.report.read says
+    ("downstream/",               "downstream score",         "",            ".4f",      "eval",  None,         "forgetting", False,   "downstream"),
+    ("attention",                 "attention kernel",         "",            "text",     "start", None,         "setup",      None,    None),
+    ("precision",                 "precision",                "",            "text",     "start", None,         "setup",      None,    None),
+    ("torch_compile",             "torch.compile",            "",            "text",     "start", None,         "setup",      None,    None),
     ("train_runtime_s",           "run time",                 "s",           "duration", "end",   None,         "setup",      None,    None),
 ))
 # fmt: on

@@ -4,10 +4,12 @@
 ``trainer_state.json`` of ``final/``, ``best/`` and ``checkpoint-*/``) and writes ``report.html``
 with every chart embedded as a PNG, and saved next to it (``report_loss.png``, ``report_lr.png``,
 ``report_throughput.png``, ``report_memory.png``; ``report_mix.png`` for several sources). Its
-parts: *Learning* (loss, learning rate and gradient norm, the forgetting table of every eval set's
-first and last eval, the data mix against its target), *Run cost* (throughput, MFU, memory) and
-*Setup* (optimizer split, run time, saved models, the resolved config, with the fields that differ
-between compared runs marked). Where each metric goes comes from the registry in
+parts: the *Downstream* table of ``eval_tasks`` scores before and after, *Learning* (loss,
+learning rate and gradient norm, the forgetting table of every eval set's first and last eval with
+perplexity and the best eval, the data mix against its target), *Run cost* (throughput, MFU,
+memory) and *Setup* (the attention kernel, precision and torch.compile the run used, optimizer
+split, run time, saved models, the resolved config, with the fields that differ between compared
+runs marked). Runs are named by ``run_name``, else by model, first source and date. Where each metric goes comes from the registry in
 :mod:`qwen_cpt.metrics`, and every element that shows one carries its key as ``data-metric``.
 Every metric but ``step`` is optional: old runs, runs without eval and runs of one logged step all
 get a report.
@@ -24,23 +26,40 @@ from pathlib import Path
 
 from .charts import make_charts
 from .page import render_html
-from .read import Run, ema, eval_changes, human, load_run, runtime, smoothing_weight
+from .read import (
+    Run,
+    ema,
+    eval_changes,
+    human,
+    load_run,
+    run_name,
+    runtime,
+    score_changes,
+    smoothing_weight,
+)
 
 __all__ = ["REPORT_NAME", "Run", "ema", "eval_changes", "human", "load_run", "make_charts"]
-__all__ += ["render_html", "report_command", "runtime", "smoothing_weight", "write_report"]
+__all__ += ["render_html", "report_command", "run_name", "runtime", "score_changes"]
+__all__ += ["smoothing_weight", "write_report"]
 
 log = logging.getLogger("qwen_cpt")
 
 REPORT_NAME = "report.html"
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    names = [p.resolve().name or str(p) for p in paths]
-    if len(set(names)) < len(names):  # e.g. two runs both called "output": add the parent
-        names = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
-    return names
+def _unique_names(runs: list[Run]) -> None:
+    """Runs are named by :func:`.read.run_name`; two runs of the same name get their folder's
+    name added (its parent's too if that is not enough), then a number."""
+    names = [r.name for r in runs]
+    for i in range(3):
+        if len(set(names)) == len(names):
+            break
+        if i < 2:
+            names = [f"{r.name} ({'/'.join(r.path.resolve().parts[-1 - i :])})" for r in runs]
+        else:
+            names = [f"{n} ({j + 1})" for j, n in enumerate(names)]
+    for r, n in zip(runs, names):
+        r.name = n
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
@@ -53,7 +72,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     paths = [Path(p) for p in run_dirs]
     if not paths:
         raise ValueError("write_report needs at least one run directory")
-    runs = [load_run(p, n) for p, n in zip(paths, _unique_names(paths))]
+    runs = [load_run(p) for p in paths]
+    _unique_names(runs)
     if out is None:
         target = paths[0] / REPORT_NAME
     else:

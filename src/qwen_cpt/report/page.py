@@ -30,6 +30,8 @@ from .read import (
     median,
     optimizer_split,
     runtime,
+    score_changes,
+    setup_used,
     smoothing_weight,
     target_shares,
 )
@@ -78,7 +80,18 @@ def _of(stat: Callable[[list[float]], float]) -> Callable[[Run, str], str]:
 
 _LAST, _MEDIAN, _PEAK = _of(lambda v: v[-1]), _of(median), _of(max)
 _MEAN = _of(lambda v: sum(v) / len(v))
-_SMOOTHED = _of(lambda v: ema(v, smoothing_weight(len(v)))[-1])
+
+
+def _train_last(r: Run, k: str) -> Any:
+    """The last train loss, smoothed when the run has enough points for an EMA; a short run
+    shows its raw last value, said to be raw, rather than a "smoothed" copy of it."""
+    v = r.values(k)
+    if not v:
+        return NONE
+    w = smoothing_weight(len(v))
+    if w == 0:
+        return _cell(fmt(k, v[-1]), note=f"as logged: {len(v)} points are too few to smooth")
+    return _cell(fmt(k, ema(v, w)[-1]), note=f"EMA, weight {w:g}; as logged {fmt(k, v[-1])}")
 
 
 def _first_last(r: Run, k: str) -> str:
@@ -108,10 +121,11 @@ SUMMARY: list[Column] = [
     ("steps", "step", lambda r, k: fmt(k, r.last_step)),
     ("epochs", "epoch", _LAST),
     ("tokens", "tokens_seen", _LAST),
-    ("train loss (smoothed, last)", "loss", _SMOOTHED),
+    ("train loss, last", "loss", _train_last),
     ("mean train loss", "avg_loss", _LAST),
     ("eval loss first → last", EVAL_KEY, _first_last),
     ("best eval loss", EVAL_KEY, _best),
+    ("eval perplexity, last", "eval_ppl", _LAST),
     ("run time", "train_runtime_s", _run_time),
     ("tokens/s (median)", "tokens_per_sec", _MEDIAN),
     ("peak memory GB", "memory_gb", _PEAK),
@@ -127,7 +141,16 @@ COST: list[Column] = [
     ("MFU (median)", "mfu", _MEDIAN),
     ("peak memory GB", "memory_gb", _PEAK),
 ]
+
+
+def _used(r: Run, k: str) -> dict[str, Any]:
+    return next(_cell(v, metric=k) for _, v, m in setup_used(r) if m == k)
+
+
 SETUP: list[Column] = [
+    ("attention kernel (used)", "attention", _used),
+    ("precision (used)", "precision", _used),
+    ("torch.compile (used)", "torch_compile", _used),
     ("optimizer split (trainable parameters)", None, lambda r, k: _cell(parts=_optimizer(r))),
     ("run time", "train_runtime_s", lambda r, k: _run_time(r, k, source=True)),
 ]
@@ -135,7 +158,8 @@ SETUP: list[Column] = [
 
 _FORGETTING = [_col("eval set", num=False)] + [_col(t) for t in ("before", "after", "change")]
 _FORGETTING += [_col("change %"), _col("verdict", num=False)]
-_FORGETTING += [_col("perplexity before → after", "eval_ppl")]
+_FORGETTING += [_col("perplexity before → after", "eval_ppl"), _col("best eval loss")]
+_FORGETTING += [_col("perplexity at best", "eval_ppl")]
 _VERDICTS = dict(worse="▲ worse", better="▼ better", same="unchanged", single="one eval only")
 
 
@@ -155,11 +179,56 @@ def _forgetting(runs: list[Run]) -> list[dict[str, Any]]:
             cells += [
                 _cell(_VERDICTS[v], cls=f"verdict-{v}"),
                 _cell(ppl, metric=c.ppl_key) if ppl else NONE,
+                *_best_of(run, c.key, c.ppl_key),
             ]
             rows.append((cells, "worse" if c.worse else ""))
         worse = ", ".join(c.source for c in changes if c.worse)
         out.append({"run": i, "table": _table(_FORGETTING, rows) if rows else None, "worse": worse})
     return out
+
+
+def _best_of(run: Run, key: str, ppl_key: str) -> list[Any]:
+    """The lowest eval loss of one eval set (with its step) and the perplexity at that eval."""
+    steps, values = run.series(key, "eval")
+    if not values:
+        return [NONE, NONE]
+    value, step = min(zip(values, steps))
+    ppl = dict(zip(*run.series(ppl_key, "eval"))).get(step)
+    return [_loss_at(value, step), _cell(fmt(ppl_key, ppl), metric=ppl_key) if ppl else NONE]
+
+
+_SCORES = _text_cols("task", "metric") + [_col(t) for t in ("before", "after", "change")]
+_SCORES += [_col("± noise (2σ)"), _col("verdict", num=False)]
+_SCORE_VERDICTS = dict(
+    worse="▼ worse", better="▲ better", same="same within noise", single="one eval only"
+)
+
+
+def _score(v: float, sign: str = "") -> str:
+    """A score with 4 decimals; a huge one (the perplexity of an untrained model) in 4 digits."""
+    return f"{v:{sign}.4f}" if abs(v) < 1e4 else f"{v:{sign}.4g}"
+
+
+def _downstream(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per run, each downstream score before (first eval, the base model at step 0) and after."""
+    out = []
+    for i, run in enumerate(runs):
+        rows = []
+        for c in score_changes(run):
+            after = NONE if c.single else _cell(_score(c.after), step=c.after_step)
+            noise = NONE if c.noise is None else _score(c.noise)
+            cells = [
+                _cell(c.task, metric=c.key), _cell(code=c.metric),
+                _cell(_score(c.before), step=c.before_step), after,
+                NONE if c.single else _score(c.delta, "+"), noise,
+                _cell(_SCORE_VERDICTS[c.verdict], cls=f"verdict-{c.verdict}"),
+            ]  # fmt: skip
+            rows.append((cells, "worse" if c.verdict == "worse" else ""))
+        worse = ", ".join(
+            f"{c.task} {c.metric}" for c in score_changes(run) if c.verdict == "worse"
+        )
+        out.append({"run": i, "table": _table(_SCORES, rows) if rows else None, "worse": worse})
+    return out if any(d["table"] for d in out) else []
 
 
 def _mix(runs: list[Run]) -> dict[str, Any] | None:
@@ -250,6 +319,7 @@ def render_html(runs: list[Run], charts: list[Chart], chart_files: dict[str, str
         files=chart_files,
         summary=_per_run(runs, SUMMARY),
         forgetting=_forgetting(runs),
+        downstream=_downstream(runs),
         mix=_mix(runs),
         cost=_per_run(runs, COST),
         setup=_setup(runs),

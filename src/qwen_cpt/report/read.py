@@ -14,6 +14,13 @@ from typing import Any
 from ..metrics import describe, member
 
 EVAL_KEY = "eval_loss"
+DOWNSTREAM = "downstream/"
+
+
+def _eval_record(key: str) -> bool:
+    """Logged at evals (eval loss, downstream scores), so read from :attr:`Run.evals`."""
+    entry = describe(key + "x" if key.endswith("/") else key)  # a family prefix: any member
+    return key.startswith("eval_") or getattr(entry, "logged", None) == "eval"
 
 
 @dataclass
@@ -40,11 +47,11 @@ class Run:
         return steps, values
 
     def values(self, key: str) -> list[float]:
-        return self.series(key, "eval" if key.startswith("eval_") else "train")[1]
+        return self.series(key, "eval" if _eval_record(key) else "train")[1]
 
     def keys(self, prefix: str) -> list[str]:
         """Logged keys of the family ``prefix`` (e.g. ``eval_loss/``), sorted."""
-        records = self.evals if prefix.startswith("eval_") else self.train
+        records = self.evals if _eval_record(prefix) else self.train
         return sorted({k for r in records for k in r if k.startswith(prefix)})
 
     def eval_keys(self) -> list[str]:
@@ -85,7 +92,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
         raise FileNotFoundError(
             f"{path} holds no metrics.jsonl; pass the output_dir of a qwen-cpt run"
         )
-    run = Run(path=path, name=name or path.resolve().name)
+    run = Run(path=path, name=name or "")
     bad, unknown = 0, set()
     for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
@@ -101,7 +108,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
             entry = describe(k)
             if entry is None:
                 unknown.add(k)
-            logged = "eval" if k.startswith("eval_") else getattr(entry, "logged", None)
+            logged = "eval" if _eval_record(k) else getattr(entry, "logged", None)
             (ev if logged == "eval" else tr if logged == "step" else run.extras)[k] = _number(v)
         if ev:
             _append(run.evals, step, ev)
@@ -114,6 +121,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     if unknown:  # a newer trainer's metric: add it to qwen_cpt/metrics.py to see it here
         run.notes.append("not in the metric registry, so not shown: " + ", ".join(sorted(unknown)))
     run.config = _read_config(path / "config.yaml", run.notes)
+    run.name = run.name or run_name(path, run.config)
     for sub in _model_folders(path):
         state: dict[str, Any] = {}
         try:
@@ -122,6 +130,28 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
             pass
         run.folders.append((sub.name, state if isinstance(state, dict) else {}))
     return run
+
+
+def run_name(path: Path, config: dict[str, Any] | None) -> str:
+    """``run_name`` from config.yaml; else the model's name, the first training source and the
+    date config.yaml was written (the run's start): ``Qwen2.5-7B · legal · 2026-03-01``; the
+    folder's name when config.yaml is missing."""
+    config = config or {}
+    if config.get("run_name"):
+        return str(config["run_name"])
+    model = Path(str(config.get("model_name_or_path") or "")).name
+    if not model:
+        return path.resolve().name
+    sources = [s.get("name") for s in config.get("sources") or [] if isinstance(s, dict)]
+    files = [Path(str(f)).name for f in config.get("train_files") or []]
+    first = next((str(x) for x in sources + files if x), "")
+    try:
+        import datetime as _dt
+
+        when = _dt.date.fromtimestamp((path / "config.yaml").stat().st_mtime).isoformat()
+    except OSError:
+        when = ""
+    return " · ".join(x for x in (model, first, when) if x)
 
 
 def _append(records: list[dict[str, Any]], step: int, values: dict[str, Any]) -> None:
@@ -344,3 +374,69 @@ def target_shares(run: Run) -> dict[str, float]:
     }
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()} if total > 0 else {}
+
+
+# lm-eval metrics where a smaller value is better; every other downstream score is higher-better.
+_SMALLER_IS_BETTER = ("perplexity", "bits_per_byte", "ter")
+
+
+@dataclass
+class ScoreChange:
+    """One downstream score (``downstream/<task>/<metric>``) at its first and its last eval, with
+    lm-eval's standard errors when logged, and a verdict: ``better``, ``worse``, ``same`` (within
+    noise: the change is at most twice the standard error of the difference, about a 95% interval;
+    without stderr, an exact tie) or ``single`` (one eval only)."""
+
+    key: str
+    before: float
+    before_step: int
+    after: float
+    after_step: int
+    noise: float | None = None  # 2 x sqrt(se_before^2 + se_after^2)
+
+    def __post_init__(self):
+        self.task, _, self.metric = member(self.key).partition("/")
+        self.delta = self.after - self.before
+        self.single = self.before_step == self.after_step
+        metric = self.metric.partition("@")[0]
+        self.higher_is_better = not any(metric.endswith(n) for n in _SMALLER_IS_BETTER)
+        if self.single:
+            self.verdict = "single"
+        elif self.delta == 0 or (self.noise is not None and abs(self.delta) <= self.noise):
+            self.verdict = "same"
+        else:
+            self.verdict = "better" if (self.delta > 0) == self.higher_is_better else "worse"
+
+
+def score_changes(run: Run) -> list[ScoreChange]:
+    """Each downstream score of ``run`` (stderr entries aside), first eval against last."""
+    out = []
+    for key in run.keys(DOWNSTREAM):
+        task_metric = member(key)
+        metric = task_metric.partition("/")[2]
+        if "_stderr" in metric:
+            continue
+        steps, values = run.series(key, "eval")
+        if not steps:
+            continue
+        name, _, filt = key.partition("@")
+        se = dict(zip(*run.series(name + "_stderr" + (f"@{filt}" if filt else ""), "eval")))
+        noise = None
+        if steps[0] in se and steps[-1] in se:
+            noise = 2 * math.sqrt(se[steps[0]] ** 2 + se[steps[-1]] ** 2)
+        out.append(ScoreChange(key, values[0], steps[0], values[-1], steps[-1], noise))
+    return out
+
+
+def setup_used(run: Run) -> list[tuple[str, str, str]]:
+    """``(what, value, metric)`` of the attention kernel, precision and torch.compile the run
+    used, as the trainer logged them at step 0 (not the config's wishes)."""
+    rows = []
+    for key in ("attention", "precision", "torch_compile"):
+        v = run.extras.get(key)
+        label = getattr(describe(key), "label", key)
+        text = "not recorded (a run from before qwen-cpt logged it)" if v is None else v
+        if isinstance(v, bool):
+            text = "on" if v else "off"
+        rows.append((label, str(text), key))
+    return rows
