@@ -96,6 +96,7 @@ def run_child(spec: dict) -> dict:
         use_bf16=False,
         use_tensorboard=False,
         device="cpu",
+        validation_split=0.0,  # measure training and saving alone
     )
     t0 = time.perf_counter()
     CPTTrainer(cfg).train(corpus())

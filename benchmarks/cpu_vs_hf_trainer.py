@@ -118,6 +118,12 @@ def child_ours(a: dict) -> dict:
         use_tensorboard=False,
         device="cpu",
         seed=0,
+        # the same blocks as HF's run: no validation slice (a field the --baseline may lack)
+        **(
+            {"validation_split": 0.0}
+            if "validation_split" in CPTConfig.__dataclass_fields__
+            else {}
+        ),
     )
     CPTTrainer(cfg).train(texts)
     return {"ends": clock.ends, "peak": clock.peak, "baseline": measured["baseline"]}

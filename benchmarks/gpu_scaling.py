@@ -295,6 +295,7 @@ def main() -> int:
                 max_steps=total_steps,
                 logging_steps=1,
                 save_steps=0,
+                validation_split=0.0,  # measure training alone
                 use_muon_optimizer=args.optimizer == "muon",
                 use_gradient_checkpointing=grad_ckpt > 0,
                 gradient_checkpointing_every_n_layers=max(1, grad_ckpt),

@@ -199,6 +199,7 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         save_steps=0,
         use_tensorboard=False,
         device="cpu",
+        validation_split=0.0,  # measure training alone
         **overrides,
     )
     blocks_needed = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * STEPS

@@ -221,6 +221,35 @@ def test_exit_status_by_error(error, status, monkeypatch, tmp_path, capsys):
     )
 
 
+def test_a_real_ulimit_out_of_memory_is_one_line(tiny_qwen, tmp_path):
+    """Under ``ulimit -v`` (7.6 GiB of address space), a 9.3 GiB loss chunk cannot be had."""
+    import random
+
+    from qwen_cpt import CPTConfig
+
+    rng = random.Random(0)
+    words = " ".join(SAMPLE_TEXTS).split()
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choices(words, k=3000))}) + "\n" for _ in range(12)
+        )
+    )
+    cfg = tmp_path / "c.yaml"
+    CPTConfig(
+        model_name_or_path=tiny_qwen, train_files=[str(data)], output_dir=str(tmp_path / "o"),
+        max_length=8192, per_device_train_batch_size=2, loss_chunk_size=16384, max_steps=2,
+    ).to_yaml(cfg)  # fmt: skip
+    res = subprocess.run(
+        ["sh", "-c", f"ulimit -v 8000000 && exec {sys.executable} -m qwen_cpt train {cfg}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr[-3000:]
+    line = _one_error_line(res.stderr)
+    assert line.startswith("qwen-cpt: error: out of host memory (an allocation of 9.27 GiB"), line
+    assert "Traceback" not in res.stderr
+
+
 def test_out_of_host_memory_is_one_line_with_the_size_and_what_to_change(
     monkeypatch, tmp_path, capsys
 ):

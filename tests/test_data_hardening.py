@@ -263,6 +263,95 @@ def test_identity_of_a_cache_records_its_tokenizer(tmp_path, tokenizer, tiny_qwe
     assert "train: tokenizer changed" in diff_identity(ids["one"], ids["two"])
 
 
+def test_a_cache_made_with_another_tokenizer_is_refused_before_training(
+    tmp_path, tokenizer, tiny_qwen
+):
+    """Same eos id, so the old eos-only check passed; its ids mean other tokens here."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(_records(20))
+    other = AutoTokenizer.from_pretrained(tiny_qwen)
+    other.add_tokens(["<qwen-cpt-test-token>"])
+    assert other.eos_token_id == tokenizer.eos_token_id
+    cache = tmp_path / "cache"
+    D.prepare([str(src)], cache, other, None)
+    spec = D.SourceSpec("train", D.CacheSource(cache))
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, max_length=32)
+    with pytest.raises(D.DataError, match="cache was made with another tokenizer") as err:
+        D.open_stream(spec, tokenizer, cfg, None, train=True)
+    assert str(cache) in str(err.value) and "\n" not in str(err.value)
+    D.open_stream(spec, other, cfg, None, train=True).close()  # its own tokenizer: accepted
+
+
+# --- a validation slice when no eval data is given ---------------------------------------------
+
+
+def _docs_of(blocks, tokenizer) -> set[str]:
+    import re
+
+    return set(re.findall(r"doc\d+", tokenizer.decode([t for b in blocks for t in b.input_ids])))
+
+
+def test_validation_slice_is_held_out_of_training_on_every_epoch_and_resume(tmp_path, tokenizer):
+    texts = [
+        f"doc{i} " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) for i in range(300)
+    ]
+    f = tmp_path / "a.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:150]), encoding="utf-8")
+    g = tmp_path / "b.txt"
+    g.write_text("\n\n".join(texts[150:]), encoding="utf-8")
+
+    def stream(seed=0):
+        src = D.FileSource([f, g], txt_split="paragraph")
+        return D.BlockStream("train", src, tokenizer, 64, seed=seed)
+
+    s = stream()
+    held = D.hold_out_validation(s, 0.05, 128)
+    held_docs = _docs_of(held, tokenizer)
+    assert 3 <= len(held_docs) <= 40  # about 5% of 300, from both files
+    assert any(int(d[3:]) < 150 for d in held_docs) and any(int(d[3:]) >= 150 for d in held_docs)
+    by_epoch: list[list] = [[], [], []]  # two epochs, each in another file order
+    while s.state.epoch < 2:
+        block = s.next_block()
+        by_epoch[s.state.epoch].append(block)
+    seen = [_docs_of(blocks, tokenizer) for blocks in by_epoch[:2]]
+    every = {f"doc{i}" for i in range(300)}
+    assert seen[0] == seen[1] == every - held_docs  # never trained on, nothing else lost
+    again = stream()  # a resume rebuilds the same slice
+    assert _docs_of(D.hold_out_validation(again, 0.05, 128), tokenizer) == held_docs
+    assert again.describe_identity()["options"]["validation_split"] == 0.05
+    other = _docs_of(D.hold_out_validation(stream(seed=1), 0.05, 128), tokenizer)
+    assert other != held_docs
+    capped = D.hold_out_validation(stream(), 0.5, 2)  # a large corpus is read only at its start
+    assert len(capped) == 2
+
+
+def test_validation_slice_of_a_few_texts_and_of_a_cache(tmp_path, tokenizer):
+    two = D.BlockStream("train", D.SequenceSource(["first text here", "second text here"]),
+                        tokenizer, 16)  # fmt: skip
+    held = D.hold_out_validation(two, 0.01, 128)  # no document under 1%: the lowest one goes
+    assert len(held) == 1
+    left = two.next_block()
+    assert two.count_blocks() == 1 and tokenizer.decode(left.input_ids) != tokenizer.decode(
+        held[0].input_ids
+    )
+    one = D.BlockStream("train", D.SequenceSource(["only text"]), tokenizer, 16)
+    assert D.hold_out_validation(one, 0.01, 128) == []  # nothing to spare
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(_records(200))
+    D.prepare([str(src)], tmp_path / "cache", tokenizer, None)
+    cache = D.CacheStream("train", D.CacheSource(tmp_path / "cache"), tokenizer.eos_token_id, 32)
+    n = cache.n_blocks
+    held = D.hold_out_validation(cache, 0.05, 128)
+    assert 1 <= len(held) < n // 5 and cache.count_blocks() == n - len(held)
+    held_ids = {tuple(b.input_ids) for b in held}
+    epoch = [cache.next_block() for _ in range(n - len(held))]
+    assert not held_ids & {tuple(b.input_ids) for b in epoch}
+    cache.next_block()
+    assert cache.epoch == 1
+
+
 # --- 8. tokenizer workers never re-run the user's script ----------------------------------------
 
 

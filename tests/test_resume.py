@@ -500,6 +500,58 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(
     assert not (out / "checkpoint-2").exists() and not list(out.glob(".tmp-*"))
 
 
+def _can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d"
+    return subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare -m to mount a tmpfs")
+def test_a_real_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tiny_qwen, tmp_path):
+    """A tmpfs in a private mount namespace with room for one checkpoint and a half."""
+    data = _write_data(tmp_path)
+    sized = tmp_path / "sized"  # how much one checkpoint and a whole run take here
+    res = _cli(_cfg(tiny_qwen, sized, data, max_steps=1, save_steps=1), tmp_path, "sized")
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = _du(sized / "checkpoint-1")
+    room = one + one // 2 + (1 << 20)  # checkpoint-1, half of checkpoint-2, the logs
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "out"
+    cfg_path = tmp_path / "full.yaml"
+    _cfg(tiny_qwen, out, data, max_steps=3, save_steps=1).to_yaml(cfg_path)
+    check = (
+        "import json, sys; from pathlib import Path; from qwen_cpt.checkpoint import verify; "
+        "o = Path(sys.argv[1]); print('AFTER', json.dumps({'verify': verify(o / 'checkpoint-1'), "
+        "'entries': sorted(p.name for p in o.iterdir())}))"
+    )
+    script = (
+        f"mount -t tmpfs -o size={room} tmpfs {disk} && "
+        f"{sys.executable} -m qwen_cpt train {cfg_path}; echo RC=$?; "
+        f'{sys.executable} -c "{check}" {out}'
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    text = res.stdout + res.stderr
+    assert "RC=1" in res.stdout, text[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error" in ln.lower()]
+    assert any("disk full while saving" in ln and "checkpoint-2" in ln for ln in errors), text[
+        -3000:
+    ]
+    assert "Traceback" not in text
+    after = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("AFTER"))[6:])
+    assert after["verify"] is None  # checkpoint-1 intact
+    assert "checkpoint-1" in after["entries"]
+    assert not [e for e in after["entries"] if e.startswith(".tmp-") or e == "checkpoint-2"]
+
+
 def test_nan_skip_policy_skips_up_to_the_cap(tiny_qwen, tmp_path, caplog):
     from qwen_cpt import TrainingError
 

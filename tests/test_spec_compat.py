@@ -106,9 +106,13 @@ def test_spec_basic_snippet_runs_as_a_script(tiny_qwen, tmp_path):
     root = _user_layout(tmp_path)
     out = tmp_path / "cpt_output"
     code = BASIC.format(import_line=SPEC_IMPORT, model=tiny_qwen, out=str(out))
-    loss, steps = _final_loss(_run_script(root, code, tmp_path))
+    res = _run_script(root, code, tmp_path)
+    loss, steps = _final_loss(res)
     assert 0 < loss < float("inf") and steps == 3  # one block, three epochs
     assert (out / "final" / "model.safetensors").is_file()
+    # the spec promises the best model is saved: with no eval data, one text is held out
+    assert "validation: held out 1 block of train" in res.stderr + res.stdout
+    assert (out / "best" / "model.safetensors").is_file()
 
 
 def test_spec_advanced_snippet_runs_as_a_script(tiny_qwen, tmp_path):

@@ -155,13 +155,14 @@ def _fsync_tree(path: Path) -> None:
 
 @contextlib.contextmanager
 def _removing_on_failure(target: Path, tmp: Path):
-    """On any failure remove ``tmp``; a full disk becomes a clear CheckpointError."""
+    """On any failure remove ``tmp``; a write that failed becomes one clear CheckpointError."""
     try:
         yield
     except BaseException as exc:
+        clear = _save_failure(exc, target)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_enospc(exc):
-            raise _disk_full(target) from exc
+        if clear is not None:
+            raise clear from exc
         raise
 
 
@@ -172,14 +173,61 @@ def _disk_full(target: Path) -> CheckpointError:
     )
 
 
-def _is_enospc(exc: BaseException | None) -> bool:
-    while exc is not None:  # DCP wraps a writer's OSError in its own exceptions
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _causes(exc: BaseException | None):
+    """``exc`` and what it wraps: its causes and, for DCP's CheckpointException, every rank's."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        todo += [pair[0] for pair in (getattr(e, "failures", None) or {}).values()]
+
+
+# torch's zip writer reports a short write (a full disk) as "unexpected pos N vs M" or "failed
+# writing file"; it does not keep the errno (docs/design.md, "Saving on a full disk").
+_SHORT_WRITE = ("unexpected pos", "failed writing file", "file write failed")
+_LOW_SPACE = 64 << 20
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _save_failure(exc: BaseException | None, target: Path) -> CheckpointError | None:
+    """A save's error as one line (call it before removing the partial save): a full disk, or
+    the innermost cause; None for an error that is not the save's (e.g. KeyboardInterrupt)."""
+    if exc is None or isinstance(exc, CheckpointError):
+        return exc
+    causes = list(_causes(exc))
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in causes) or any(
+        "No space left on device" in str(e) for e in causes
+    ):
+        return _disk_full(target)
+    short = [e for e in causes if any(m in str(e) for m in _SHORT_WRITE)]
+    if short:
+        free = _free_bytes(target.parent)
+        if free is not None and free < _LOW_SPACE:
+            return _disk_full(target)
+    if not isinstance(exc, _FAILURES):
+        return None
+    inner = next(
+        (e for e in reversed(causes) if not type(e).__name__.startswith("CheckpointException")),
+        exc,
+    )
+    first = (str(inner).strip().splitlines() or [""])[0][:300]
+    return CheckpointSaveError(
+        f"saving {target} failed ({type(inner).__name__}: {first}); the partial save was "
+        "removed and the previous checkpoint is intact"
+    )
 
 
 def commit_folder(tmp: Path, target: Path, checksums: bool = True) -> Path:
@@ -544,8 +592,8 @@ class CheckpointManager:
         except _FAILURES as exc:  # reported on every rank below
             error = exc
         try:
-            if error is not None and _is_enospc(error):
-                error = _disk_full(target)
+            if error is not None:
+                error = _save_failure(error, target) or error
             self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointSaveError)
         except CheckpointError:
             if self.world.is_main:
@@ -575,14 +623,14 @@ class CheckpointManager:
                 raise error
             self._commit(tmp, target)
         except _FAILURES as exc:  # raised in the training thread by wait()
+            self._error = _save_failure(exc, target) or exc  # before the partial save goes
             shutil.rmtree(tmp, ignore_errors=True)
-            self._error = exc
 
     def wait(self) -> None:
         """Finish the save in flight (every rank); raise on every rank if it failed on any."""
         target, error = self._finish_pending()
-        if error is not None and _is_enospc(error):
-            error = _disk_full(target)
+        if error is not None:
+            error = _save_failure(error, target) or error
         self.world.raise_unless_all_ok(error, f"saving {target}", CheckpointSaveError)
 
     def close(self) -> None:
@@ -605,7 +653,7 @@ class CheckpointManager:
                 error = error or exc
         if thread is not None:
             thread.join()  # it has committed, or removed the partial folder
-        error, self._error = error or self._error, None
+        error, self._error = self._error or error, None  # the commit thread's is classified
         return target, error
 
     def _state_dicts(self, model, optimizers: dict, parts: dict, rng) -> tuple[dict, dict]:

@@ -70,6 +70,12 @@ class CPTConfig:
     )
     eval_files: list[str] = _f([], "Held-out data for eval loss/perplexity, same formats.")
     eval_texts: list[str] = _f([], "Held-out texts given inline (added to eval_files).")
+    validation_split: float = _f(
+        0.01,
+        "With no eval data given, hold out this share of each source's documents (chosen by a "
+        "hash, the same on every resume; at least one when a source has two or more; at most "
+        "128 blocks) as its eval set, so eval loss and best/ exist. 0: train on everything.",
+    )
     text_field: str = _f("text", "Field holding the document text in .jsonl and .parquet records.")
     txt_split: str = _f(
         "file",
@@ -130,6 +136,14 @@ class CPTConfig:
     )
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
     seed: int = _f(42, "Random seed for weights init of new layers, data order and dropout.")
+    deterministic: bool = _f(
+        False,
+        "On CUDA: the same bits from the same inputs (torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8, deterministic flash-attn backward), so a resumed run "
+        "matches an unbroken one exactly; somewhat slower, and an op with no deterministic "
+        "kernel stops the run naming it. Off: GPU attention backward may differ in the last "
+        "bits run to run. A CPU run is deterministic either way.",
+    )
 
     # --- fault handling --------------------------------------------------------------------------
     resume_from_checkpoint: str | None = _f(
@@ -225,6 +239,18 @@ class CPTConfig:
     output_dir: str = _f("./cpt_output", "Where checkpoints, final/, best/ and metrics go.")
     logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
     eval_steps: int = _f(500, "Evaluate every N optimizer steps (also at step 0 and at the end).")
+    eval_tasks: list[str] = _f(
+        [],
+        "Downstream tasks run with lm-evaluation-harness on the model in memory, before training "
+        "and at the end (pip install qwen-cpt[eval]): lm-eval task names, or paths to local "
+        "task YAML files or folders of them. Scores are logged as downstream/<task>/<metric>.",
+    )
+    downstream_eval_steps: int = _f(
+        0, "Also run eval_tasks every N optimizer steps (0: only before training and at the end)."
+    )
+    eval_tasks_limit: int | None = _f(
+        None, "Score at most this many examples of each eval_tasks task (None: all of them)."
+    )
     save_steps: int = _f(500, "Write checkpoint-<step>/ every N optimizer steps (0: only epochs).")
     save_total_limit: int | None = _f(
         3, "Keep at most N checkpoint-<step>/ folders (None: keep all). best/ is never deleted."
@@ -240,6 +266,11 @@ class CPTConfig:
     use_tensorboard: bool = _f(True, "Write TensorBoard scalars under logging_dir.")
     wandb_project: str | None = _f(None, "Log to this Weights & Biases project when set.")
     wandb_run_name: str | None = _f(None, "W&B run name (default: generated).")
+    run_name: str | None = _f(
+        None,
+        "The run's name in report.html (default: the model's name, the first training source "
+        "and the start date).",
+    )
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
@@ -289,6 +320,14 @@ class CPTConfig:
         )
         need(self.save_steps >= 0, f"save_steps: must be >= 0, got {self.save_steps}")
         need(
+            self.downstream_eval_steps >= 0,
+            f"downstream_eval_steps: must be >= 0, got {self.downstream_eval_steps}",
+        )
+        need(
+            self.eval_tasks_limit is None or self.eval_tasks_limit >= 1,
+            f"eval_tasks_limit: must be >= 1 or None, got {self.eval_tasks_limit}",
+        )
+        need(
             self.save_total_limit is None or self.save_total_limit >= 1,
             f"save_total_limit: must be >= 1 or None, got {self.save_total_limit}",
         )
@@ -299,6 +338,10 @@ class CPTConfig:
         need(
             self.dataloader_num_workers >= 0,
             f"dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}",
+        )
+        need(
+            0.0 <= self.validation_split < 1.0,
+            f"validation_split: must be in [0, 1), got {self.validation_split}",
         )
         for name in ("warmup_ratio", "min_lr_ratio", "wsd_decay_ratio"):
             v = getattr(self, name)

@@ -110,7 +110,11 @@ class World:
         owns = not dist.is_initialized()
         if owns:
             kwargs = {}
-            if world <= 1:  # one process, sharded only for FSDP2's CPU offload: a private group
+            # One plain process, sharded only for FSDP2's CPU offload: a private group. Under
+            # torchrun (even one rank) the group joins the launcher's store instead: with
+            # TORCHELASTIC_USE_AGENT_STORE set, a tcp:// init only connects as a client, to a
+            # port nobody serves, and waits out the timeout (docs/design.md, "Process groups").
+            if world <= 1 and "MASTER_ADDR" not in os.environ:
                 kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
             dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
         if dist.get_world_size() != max(world, 1):

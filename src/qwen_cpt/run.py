@@ -63,6 +63,7 @@ class Run:
     sync_every: bool  # sharded: reduce-scatter after every micro-batch
     trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers([]))
     tracker_state: dict = dataclasses.field(default_factory=dict)
+    kernels: dict = dataclasses.field(default_factory=dict)  # autotune.KernelChoice.record
 
     @property
     def total(self) -> int:
@@ -78,15 +79,43 @@ def open_data(cfg: CPTConfig, train_specs, eval_specs):
     streams = {s.name: D.open_stream(s, tokenizer, cfg, local_tok, True) for s in train_specs}
     data = D.Mixture(streams, {s.name: s.weight for s in train_specs})
     try:
-        blocks_per_epoch = _blocks_per_epoch(data)
         eval_sets = {
             s.name: D.one_epoch(D.open_stream(s, tokenizer, cfg, None, train=False))
             for s in eval_specs
         }
+        if not eval_specs and cfg.validation_split > 0:
+            eval_sets = hold_out_validation(cfg, streams)
+        blocks_per_epoch = _blocks_per_epoch(data)
     except BaseException:
         data.close()
         raise
     return tokenizer, data, eval_sets, blocks_per_epoch
+
+
+VALIDATION_MAX_BLOCKS = 128
+
+
+def hold_out_validation(cfg: CPTConfig, streams: dict) -> dict:
+    """No eval data given: each training source lends a small validation slice (logged)."""
+    sets = {}
+    for name, stream in streams.items():
+        blocks = D.hold_out_validation(stream, cfg.validation_split, VALIDATION_MAX_BLOCKS)
+        eval_name = "eval" if len(streams) == 1 else name
+        if blocks:
+            sets[eval_name] = blocks
+            log.info(
+                "validation: held out %d block%s of %s (validation_split %g) as eval set %r; "
+                "they are not trained on (validation_split: 0 trains on everything)",
+                len(blocks), "" if len(blocks) == 1 else "s", name, cfg.validation_split,
+                eval_name,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "validation: %s has a single document, so nothing is held out: no eval loss "
+                "and no best/ (give eval_files or eval_texts)",
+                name,
+            )
+    return sets
 
 
 def build_run(
@@ -101,23 +130,23 @@ def build_run(
         lambda: build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code),
         f"loading {cfg.model_name_or_path}", ModelLoadError,
     )  # fmt: skip
+    model.train()  # from_pretrained gives eval mode: the start-up probe measures training
     check_vocab(tokenizer, model, cfg.model_name_or_path)
     check_context_length(cfg, model.config)
+    saved_kernels = None  # a resume reuses the kernels the run measured when it started
     if path is not None:
         resume.take_auto_fields(cfg, path)
-        resume.check(path, cfg, world.size, model.config, data)
+        saved_kernels = resume.check(path, cfg, world.size, model.config, data).get("kernels")
     else:
         _resolve_auto(cfg, model, world, runtime, blocks)
     # Liger's kernels (CUDA, when installed and checked) before checkpointing and compile wrap
-    fused_ce = enable_liger(model, runtime.device) if cfg.use_liger_kernel else None
-    if not world.all_ok(fused_ce is not None):
-        fused_ce = None  # one loss on every rank
+    # each part used only if it passed on every rank
+    fused_ce = enable_liger(model, runtime.device, world) if cfg.use_liger_kernel else None
     if cfg.use_gradient_checkpointing:
         enable_activation_checkpointing(model, cfg.gradient_checkpointing_every_n_layers)
     # attention and compile: as configured, or measured on this GPU (qwen_cpt.autotune)
     first = functools.partial(_first_position_ids, cfg, data, world)
-    if choose_kernels(model, cfg, runtime, first, world)[1]:
-        compile_decoder_layers(model)
+    kernels = choose_kernels(model, cfg, runtime, first, world, saved_kernels)
     chunked = cfg.use_fused_loss and supports_chunked_loss(model)
     if cfg.use_fused_loss and not chunked:
         log.info("loss: plain HF logits (chunked loss supports %s)", model.config.model_type)
@@ -128,6 +157,8 @@ def build_run(
     sync_every = _choose_gradient_sync(cfg, model, world, runtime)
     bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype is not None
     loss_module = world.parallelize(model, loss_fn, bf16_params=bf16)
+    if kernels.compile:  # after fully_shard: its hooks stay outside the compiled code
+        compile_decoder_layers(model)
     optimizers = build_optimizers(model, cfg, sharded=world.sharded, ns_device=runtime.device)
     per_step = cfg.per_device_train_batch_size * world.size * cfg.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(blocks / per_step))
@@ -141,7 +172,7 @@ def build_run(
         optimizers, Schedule(total, warmup, cfg.lr_scheduler_type, cfg.min_lr_ratio, cfg.wsd_decay_ratio),
         CheckpointManager(out, world, keep=cfg.save_total_limit, use_async=cfg.async_checkpoint),
         RNGState(runtime.device), FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops),
-        steps_per_epoch, sync_every,
+        steps_per_epoch, sync_every, kernels=kernels.record,
     )  # fmt: skip
 
 
@@ -280,6 +311,16 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size,
         cfg.max_length,
     )  # fmt: skip
+
+
+def resolved_setup(run: Run) -> dict:
+    """What the run really uses (logged at step 0 for the report), not what was asked for."""
+    dtype = run.runtime.autocast_dtype
+    return {
+        "attention": run.kernels.get("attention", run.runtime.attn_implementation),
+        "precision": f"{str(dtype).replace('torch.', '')} autocast" if dtype else "fp32",
+        "torch_compile": bool(run.kernels.get("compile", False)),
+    }
 
 
 def log_done(run: Run, state) -> None:

@@ -30,10 +30,21 @@ from . import outdir, resume
 from .checkpoint import remove_stale_tmp, save_model_dir, write_run_files
 from .config import CPTConfig
 from .distributed import World
+from .downstream import Downstream
 from .logs import Window, log_step, memory_gb, progress, setup_logging
-from .model import resolve_runtime
+from .model import resolve_runtime, set_deterministic
+from .perf import to_device
 from .resume import ResumeError
-from .run import Run, build_run, check_texts, check_writable, log_done, log_setup, open_data
+from .run import (
+    Run,
+    build_run,
+    check_texts,
+    check_writable,
+    log_done,
+    log_setup,
+    open_data,
+    resolved_setup,
+)
 from .state import TrainState, Value, seed_everything
 from .tracking import build_trackers, truncate_metrics
 
@@ -66,7 +77,8 @@ class CPTTrainer:
     >>> final_loss = trainer.train(["your text 1", "your text 2"])
 
     After :meth:`train`, ``trainer.model`` and ``trainer.tokenizer`` hold the trained model, and
-    ``output_dir`` holds ``final/``, ``best/`` (lowest eval loss, when eval data is given),
+    ``output_dir`` holds ``final/``, ``best/`` (lowest eval loss: on the eval data, or on the
+    ``validation_split`` slice held out when none is given),
     ``checkpoint-<step>/`` folders, ``config.yaml`` and ``metrics.jsonl``. After a sharded run
     ``trainer.model`` holds this rank's FSDP2 shards only; load ``final/`` with
     ``from_pretrained`` to use the whole model. ``clock``: seconds for the logged throughput
@@ -82,6 +94,7 @@ class CPTTrainer:
         self.clock = clock
         self._finished: Path | None = None  # final/ of a finished train()
         self._stop_signal: int | None = None
+        self._downstream: Downstream | None = None  # eval_tasks, checked by train()
         setup_logging()
 
     def train(
@@ -100,24 +113,26 @@ class CPTTrainer:
         train_specs, eval_specs = D.resolve_sources(cfg, train_texts, eval_texts)
         out = Path(cfg.output_dir)
         check_writable(out)
+        self._downstream = Downstream.from_config(cfg) if cfg.eval_tasks else None  # no model yet
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 logs (or warns)
             log.setLevel(logging.WARNING)
+        set_deterministic(cfg.deterministic)  # before the first cuBLAS handle
         runtime = resolve_runtime(
             cfg.device, cfg.use_bf16, cfg.use_flash_attention, cfg.attention_implementation
         )
         world = World.create(runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes)
         runtime = dataclasses.replace(runtime, device=world.device)
         self.state, self._stop_signal, data = TrainState(), None, None
-        lock = outdir.OutputDirLock(out)  # rank 0 holds it, from the first write to the end
+        lock = outdir.OutputDirLock(out)  # rank 0 holds it, from before the first read to the end
         try:
             if world.sharded:
                 log.info("distributed: %s", world.describe())
+            world.on_main(lock.acquire)  # a second run is refused before it loads anything
             path = world.on_main(lambda: resume.find_checkpoint(cfg, out))
             seed_everything(cfg.seed)
             self.tokenizer, data, eval_sets, blocks = open_data(cfg, train_specs, eval_specs)
             run = build_run(cfg, world, runtime, out, self.tokenizer, data, eval_sets, blocks, path)
             self.model = run.model
-            world.on_main(lock.acquire)
             self._start(run, path)
             log_setup(run, cfg, blocks)
             try:
@@ -166,8 +181,9 @@ class CPTTrainer:
     def _loop(self, run: Run) -> float:
         cfg, st, world = self.config, self.state, run.world
         if st.step == 0:
-            run.trackers.log(run.optimizers.summary(), 0)
+            run.trackers.log({**run.optimizers.summary(), **resolved_setup(run)}, 0)
             self._evaluate(run)
+            self._downstream_eval(run)
         elif st.step >= run.total:
             log.warning(
                 "the checkpoint is at step %d and this run ends at step %d: no step to train; "
@@ -191,6 +207,9 @@ class CPTTrainer:
                 with window.paused():  # evaluation and saving are not training time
                     if st.step % cfg.eval_steps == 0 and st.step != run.total:
                         self._evaluate(run)
+                    every = cfg.downstream_eval_steps
+                    if every and st.step % every == 0 and st.step != run.total:
+                        self._downstream_eval(run)
                     epoch_end = st.step % run.steps_per_epoch == 0
                     if (cfg.save_steps and st.step % cfg.save_steps == 0) or (
                         epoch_end and st.step != run.total
@@ -208,6 +227,7 @@ class CPTTrainer:
                     )
                     raise TrainingInterrupted(signum, path)
         self._evaluate(run)
+        self._downstream_eval(run)
         self._save_checkpoint(run, window, blocking=True)
         self._save_model(run, run.out / "final")
         run.trackers.log({"train_runtime_s": self.clock() - started}, st.step)
@@ -232,7 +252,7 @@ class CPTTrainer:
             )
         loss_sum = torch.zeros((), dtype=torch.float32, device=runtime.device)
         for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, runtime.device)  # pinned first on CUDA: a true async copy
             world.set_gradient_sync(run.sync_every or i == len(micro_batches) - 1)
             with runtime.autocast:
                 loss = run.loss_module(batch)
@@ -286,6 +306,12 @@ class CPTTrainer:
             "trackers": trackers,
         }
 
+    def _downstream_eval(self, run: Run) -> None:
+        """``eval_tasks`` on the model in memory (qwen_cpt.downstream), logged at this step."""
+        if self._downstream is not None:
+            args = (self.model, self.tokenizer, run.world, run.runtime, self.state.step)
+            run.trackers.log(self._downstream.evaluate(*args), self.state.step)
+
     def _evaluate(self, run: Run) -> None:
         st = self.state
         if not run.evaluator:
@@ -305,7 +331,7 @@ class CPTTrainer:
         summary = {
             "format": 2, **st.state_dict(), "geometry": resume.geometry(cfg, run.world.size),
             "data_fingerprint": run.data.identity(), "data_identity": run.data.describe_identity(),
-            "data_position": run.data.state_dict(),
+            "data_position": run.data.state_dict(), "kernels": run.kernels,
         }  # fmt: skip
 
         def main_files(tmp: Path) -> None:

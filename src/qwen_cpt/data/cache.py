@@ -200,12 +200,30 @@ class CacheStream:
         self.epoch = 0
         self.index = 0
         self._order = None
+        self.held: np.ndarray | None = None  # blocks held out as a validation slice
+        self.held_split: float | None = None
 
     def _perm(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = (self.epoch, rng.permutation(self.n_blocks))
+            perm = rng.permutation(self.n_blocks)
+            if self.held is not None:
+                perm = perm[~np.isin(perm, self.held)]
+            self._order = (self.epoch, perm)
         return self._order[1]
+
+    def hold_out(self, split: float, max_blocks: int) -> list[Block]:
+        """Hold out about ``split`` of the cache's blocks (at most ``max_blocks``, at least one
+        when there are two or more) as a validation set: chosen by the seed, the same on every
+        resume, and skipped by this stream from now on. Returns the held-out blocks."""
+        u = np.random.default_rng([self.seed, 0x5EED]).random(self.n_blocks)
+        held = np.flatnonzero(u < split)[:max_blocks]
+        if held.size == 0 and self.n_blocks >= 2 and split > 0:
+            held = np.array([int(np.argmin(u))])
+        if held.size == 0:
+            return []
+        self.held, self.held_split, self._order = held, split, None
+        return [self.block(int(g)) for g in held]
 
     def block(self, g: int) -> Block:
         shard = int(np.searchsorted(self.offsets, g, side="right") - 1)
@@ -235,7 +253,7 @@ class CacheStream:
         return Block(ids.tolist(), pos.tolist(), labels.tolist(), self.name)
 
     def next_block(self) -> Block:
-        if self.index >= self.n_blocks:
+        if self.index >= len(self._perm()):
             self.epoch, self.index = self.epoch + 1, 0
         g = int(self._perm()[self.index])
         self.index += 1
@@ -252,14 +270,15 @@ class CacheStream:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def count_blocks(self) -> int:
-        return self.n_blocks
+        return self.n_blocks - (0 if self.held is None else len(self.held))
 
     def describe_identity(self) -> dict:
         """The cache (a digest of its manifest) and the tokenizer it was made with."""
         m = self.source.manifest
         return {
             "files": {str(self.source.directory): file_digest(self.source.directory)},
-            "options": {"document_aware": self.document_aware, "cache_tokenizer": m["tokenizer"]},
+            "options": {"document_aware": self.document_aware, "cache_tokenizer": m["tokenizer"]}
+            | ({} if self.held_split is None else {"validation_split": self.held_split}),
             "tokenizer": m.get("tokenizer_digest") or m["tokenizer"],
         }
 

@@ -59,6 +59,7 @@ class BlockStream:
         self.max_samples = max_samples
         self.shuffle_files = shuffle_files
         self.pool = TokenizerPool(tokenizer, num_workers, tokenizer_path)
+        self.held: HeldOut | None = None  # a validation slice this stream leaves out (or is)
         self.state = StreamState()
         self._it: Iterator[Block] | None = None
 
@@ -69,9 +70,23 @@ class BlockStream:
         return order
 
     def _pieces(self, epoch: int, start: dict | None, doc: int) -> Iterator[tuple[Piece, int]]:
-        """``(piece, document index)`` from ``start``; stops after ``max_samples`` documents."""
-        for piece in self.source.pieces(self.file_order(epoch), start):
+        """``(piece, document index)`` from ``start``; stops after ``max_samples`` documents.
+
+        With ``held``, the documents it names are left out (a training stream) or are the only
+        ones read (the validation slice, which stops after its last one)."""
+        order = self.file_order(epoch)
+        held, skipping, left = self.held, False, len(self.held.keys) if self.held else 0
+        for piece in self.source.pieces(order, start):
             resumed = start is not None and piece.pos == start
+            if piece.first and not resumed and held is not None:
+                inside = doc_key(order, piece.pos) in held.keys
+                skipping = inside != held.keep
+                if held.keep and inside:
+                    left -= 1
+                elif held.keep and left == 0:
+                    return
+            if skipping:
+                continue
             if piece.first and not resumed:
                 doc += 1
                 if self.max_samples is not None and doc >= self.max_samples:
@@ -139,7 +154,7 @@ class BlockStream:
             max_samples=self.max_samples,
             shuffle_files=self.shuffle_files,
         )
-        probe.pool = self.pool
+        probe.pool, probe.held = self.pool, self.held
         n = 0
         while True:
             probe.next_block()
@@ -166,6 +181,8 @@ class BlockStream:
         desc["options"] = dict(
             desc["options"], max_samples=self.max_samples, document_aware=self.document_aware
         )
+        if self.held is not None:  # a resume that holds out another slice trains on other data
+            desc["options"]["validation_split"] = self.held.split
         desc["tokenizer"] = tokenizer_digest(self.tokenizer)
         return desc
 
@@ -366,8 +383,107 @@ def resolve_sources(
     return train, evals
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The documents (or, for a cache, blocks) of a validation slice, by :func:`doc_key`."""
+
+    keys: frozenset
+    keep: bool  # True: the validation stream reads only these; False: training skips them
+    split: float
+
+
+def doc_key(order, pos: dict) -> tuple:
+    """Where a document starts, independent of the epoch's file order: (file, row, offset)."""
+    return (order[pos["file"]], pos.get("row"), pos.get("offset"))
+
+
+def _unit(seed: int, name: str, key) -> float:
+    """A uniform number in [0, 1) fixed by the seed, the source's name and a document's key."""
+    import xxhash
+
+    return xxhash.xxh64_intdigest(f"{seed}:{name}:{key}".encode()) / 2.0**64
+
+
+def hold_out_validation(stream, split: float, max_blocks: int) -> list[Block]:
+    """Hold out about ``split`` of a training stream's documents as a validation set.
+
+    A document is held out when a hash of the seed, the source's name and where the document
+    starts falls below ``split``: the same documents every epoch, on every resume and on any
+    number of processes. The documents are read in file order until the slice holds
+    ``max_blocks`` blocks, so a large corpus is only read at its start; a corpus with no
+    document under the threshold (a few texts) gives up its lowest one, if it has two or more.
+    ``stream`` then skips those documents; the slice's blocks are returned (``[]`` when the
+    stream has a single document and nothing can be spared).
+    """
+    if isinstance(stream, CacheStream):
+        return stream.hold_out(split, max_blocks)
+    src, tok = stream.source, stream.tokenizer
+    held: dict = {}  # key -> its hash
+    lowest, n_docs, tokens, cap = None, 0, 0, max_blocks * stream.max_length
+    order = list(range(len(src.files)))
+    inside, whole = False, True
+    for piece in src.pieces(order):
+        if piece.first:
+            if tokens >= cap or (stream.max_samples is not None and n_docs >= stream.max_samples):
+                whole = False
+                break
+            n_docs += 1
+            key = doc_key(order, piece.pos)
+            u = _unit(stream.seed, stream.name, key)
+            inside = u < split
+            if inside:
+                held[key] = u
+            if lowest is None or u < lowest[0]:
+                lowest = (u, key)
+        if inside and tokens < cap:  # a long held-out document is not tokenized to its end
+            tokens += len(encode_batch(tok, [piece.text])[0]) + 1
+    if whole and n_docs < 2:
+        return []  # a single document: nothing can be spared
+    if not held and split > 0:
+        held[lowest[1]] = lowest[0]
+    if whole and len(held) == n_docs:  # training keeps at least one document
+        del held[max(held, key=held.get)]
+    keys = frozenset(held)
+    stream.held = HeldOut(keys, keep=False, split=split)
+    reader = BlockStream(
+        stream.name,
+        src,
+        tok,
+        stream.max_length,
+        document_aware=stream.document_aware,
+        seed=stream.seed,
+        shuffle_files=False,
+    )
+    reader.held = HeldOut(keys, keep=True, split=split)
+    try:
+        return one_epoch(reader, max_blocks)
+    finally:
+        reader.close()
+
+
+def check_cache_tokenizer(source: CacheSource, tokenizer) -> None:
+    """Refuse a cache made with another tokenizer: its ids mean other tokens (or none) here."""
+    m = source.manifest
+    made_with = m.get("tokenizer_digest")
+    if made_with is None:  # a cache from before digests were recorded: size is all we can check
+        if m.get("vocab_size") not in (None, len(tokenizer)):
+            raise DataError(
+                f"{source.directory}: cache was made with a tokenizer of {m['vocab_size']} tokens "
+                f"({m.get('tokenizer')}), this model's has {len(tokenizer)}; re-run qwen-cpt prepare"
+            )
+        return
+    if made_with != tokenizer_digest(tokenizer):
+        raise DataError(
+            f"{source.directory}: cache was made with another tokenizer ({m.get('tokenizer')}, "
+            f"{m.get('vocab_size')} tokens, digest {made_with}); this model's tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '')}, {len(tokenizer)} tokens) has digest "
+            f"{tokenizer_digest(tokenizer)}; re-run qwen-cpt prepare with this model's tokenizer"
+        )
+
+
 def open_stream(spec: SourceSpec, tokenizer, cfg, tokenizer_path: str | None, train: bool):
     if type(spec.source).__name__ == "CacheSource":
+        check_cache_tokenizer(spec.source, tokenizer)
         return CacheStream(
             spec.name,
             spec.source,
@@ -394,11 +510,12 @@ def open_stream(spec: SourceSpec, tokenizer, cfg, tokenizer_path: str | None, tr
     )
 
 
-def one_epoch(stream) -> list[Block]:
-    """Every block of one epoch of a (small) stream, e.g. an eval set."""
+def one_epoch(stream, limit: int | None = None) -> list[Block]:
+    """Every block of one epoch of a (small) stream, e.g. an eval set (at most ``limit``)."""
     blocks = []
-    while True:
+    while limit is None or len(blocks) < limit:
         block = stream.next_block()
         if stream.state.epoch > 0:
             return blocks
         blocks.append(block)
+    return blocks
