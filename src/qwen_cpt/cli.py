@@ -22,18 +22,9 @@ import sys
 import typing
 from typing import Any
 
-from .config import ConfigError, CPTConfig, _type_name, field_help, field_types
+from .config import ConfigError, CPTConfig, _type_name, field_help, field_types, parse_bool
 
 log = logging.getLogger("qwen_cpt")
-
-
-def _parse_bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def _converter(hint: Any):
@@ -48,7 +39,7 @@ def _converter(hint: Any):
     )
     if typing.get_origin(hint) is list or typing.get_origin(base) is list:
         return str, "+"
-    conv = {bool: _parse_bool, int: int, float: float}.get(base, str)
+    conv = {bool: parse_bool, int: int, float: float}.get(base, str)
 
     def parse(s: str):
         if optional and s.strip().lower() in ("none", "null"):

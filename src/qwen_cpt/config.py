@@ -11,6 +11,7 @@ any model is loaded or any file is written.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
@@ -491,6 +492,16 @@ def _yaml_number(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def parse_bool(s: str) -> bool:
+    """A true/false value on the command line (``train`` flags and ``clean`` options)."""
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def field_help() -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..config import parse_bool
 from .options import CleanOptions, option_help, option_types
 from .pipeline import clean
 from .stages import MANIFEST, REPORT_HTML, REPORT_JSON
@@ -29,15 +30,6 @@ __all__ = [
     "clean",
     "run_clean",
 ]
-
-
-def _bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def add_clean_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,7 +49,7 @@ def add_clean_parser(subparsers) -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
         if hint is bool:
-            kw.update(type=_bool, metavar="BOOL")
+            kw.update(type=parse_bool, metavar="BOOL")
         elif hint is int or hint is float:
             kw.update(type=hint, metavar=hint.__name__.upper())
         elif "list" in str(hint):
