@@ -110,6 +110,30 @@ CASES = [
         ),
     ),
 ]
+# lean modes (issue 16): one process, fp32, plain loss so the head's share is known exactly
+LEAN_CASES = [
+    (
+        f"h256 LoRA r=16{', embeddings trained' if emb else ', adapters only'}, plain loss, "
+        "no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
+            use_fused_loss=False, use_gradient_checkpointing=False, use_lora=True, lora_r=16,
+            lora_train_embeddings=emb,
+        ),
+    )
+    for emb in (True, False)
+] + [
+    (
+        "h256 freeze last 1 of 4 layers, embeddings frozen, plain loss, no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
+            use_fused_loss=False, use_gradient_checkpointing=False, freeze_trainable_layers=1,
+            lora_train_embeddings=False,
+        ),
+    )
+]  # fmt: skip
 STEPS = 3
 
 
@@ -149,6 +173,7 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
     import qwen_cpt.run as trainer_mod  # the module that loads the model for the trainer
     from qwen_cpt import CPTConfig, CPTTrainer
     from qwen_cpt.planner import ModelShape, estimate_memory
+    from qwen_cpt.planner.memory import lean_mode_of
 
     measured: dict[str, int] = {}
     real_load = trainer_mod.load_model
@@ -223,6 +248,7 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         loss_chunk_size=cfg.loss_chunk_size,
         device="cpu",
         adamw_impl=measured.get("adamw_impl", "fused"),
+        lean=lean_mode_of(cfg),
     )
     c = est.components
     return {
@@ -246,6 +272,7 @@ MODES = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help='the first two cases, "live" only')
+    ap.add_argument("--lean", action="store_true", help='the LoRA and freeze cases, "live" only')
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one case, in a fresh process so the allocator state is clean
@@ -262,6 +289,8 @@ def main() -> int:
     runs += [(case, "tuned") for case in CASES[:2]]
     if args.quick:
         runs = [(case, "live") for case in CASES[:2]]
+    if args.lean:
+        runs = [(case, "live") for case in LEAN_CASES]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, ((name, model_kw, overrides), mode) in enumerate(runs):

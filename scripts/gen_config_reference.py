@@ -151,7 +151,11 @@ def _clean_section() -> list[str]:
         "",
         "Not `CPTConfig` fields: the flags of `qwen-cpt clean` (`--near-dedup false`, "
         "`--languages en zh`) and the fields of `qwen_cpt.clean.CleanOptions`, saved in the "
-        "output's `clean_manifest.json`. See the guide's section on cleaning a corpus.",
+        "output's `clean_manifest.json`. The same options go on `qwen-cpt prepare --clean true` "
+        "(cleaning straight into a cache; `--workers`, `--text-field`, `--txt-split` and "
+        "`--skip-bad-records` are prepare's own) and in a `sources` entry's `clean:` mapping "
+        "(`clean: {languages: [zh], eval_tasks: [ceval-valid]}`; there `eval_files` and "
+        "`eval_tasks` default to the run's own). See the guide's section on cleaning a corpus.",
         "",
         "| flag | type | default | meaning |",
         "|---|---|---|---|",

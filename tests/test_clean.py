@@ -28,6 +28,7 @@ import zstandard
 from qwen_cpt.clean import CleanOptions, clean
 from qwen_cpt.clean.text import shingles, tokens
 from qwen_cpt.cli import main
+from qwen_cpt.data.types import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 EDIT_RATE = 0.02
@@ -283,12 +284,31 @@ def test_exact_and_near_duplicates(corpus, tmp_path):
 # --- language, quality, contamination ----------------------------------------------------------
 
 
+def _task_yaml(root: Path, question: str) -> Path:
+    """A local lm-eval multiple-choice task whose one document asks ``question``."""
+    data = root / "task.jsonl"
+    data.write_text(json.dumps({"q": question, "choices": ["yes", "no"], "answer": 0}) + "\n")
+    path = root / "tiny_task.yaml"
+    path.write_text(
+        f"task: tiny_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\nmetric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def full_run(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "clean"
-    opts = CleanOptions(languages=["en", "zh"], eval_files=[f"heldout={corpus['eval_file']}"])
-    report = clean(corpus["inputs"], out, opts)
-    return out, report
+    root = tmp_path_factory.mktemp("full")
+    task = _task_yaml(root, corpus["passage"])  # the planted passage is also an lm-eval question
+    opts = CleanOptions(
+        languages=["en", "zh"],
+        eval_files=[f"heldout={corpus['eval_file']}"],
+        eval_tasks=[str(task)],
+    )
+    report = clean(corpus["inputs"], root / "clean", opts)
+    return root / "clean", report
 
 
 def test_language_filter_keeps_what_it_should(corpus, full_run):
@@ -326,6 +346,9 @@ def test_planted_eval_text_is_found(corpus, full_run):
     assert hit["documents"] == len(corpus["planted"])  # both, the upper-cased one too
     assert hit["eval_set"]["documents"] == 1
     assert not any(p in kept for p in corpus["planted"])
+    task = report["contamination"]["tiny_task"]  # found through lm-eval's task documents too
+    assert task["documents"] == len(corpus["planted"])
+    assert task["eval_set"]["path"] == "lm-eval task tiny_task"
     window = " ".join(tokens(corpus["passage"])[:13])
     assert any(
         window in s["window"] or s["window"] in " ".join(tokens(corpus["passage"]))
@@ -337,6 +360,7 @@ def test_planted_eval_text_is_found(corpus, full_run):
     assert manifest["options"]["languages"] == ["en", "zh"]
     assert manifest["library_versions"]["rensa"] != "not installed"
     assert manifest["documents_out"] == len(read_output(out))
+    assert list(manifest["eval_tasks"]) == ["tiny_task"]
 
 
 def test_output_is_readable_by_the_trainer(full_run):
@@ -451,6 +475,107 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         main(["clean", "--input", str(src), "--output", str(tmp_path / "o3"), "--bands", "7"]) == 2
     )
     assert "bands x rows" in capsys.readouterr().err
+    (src / "c.jsonl").unlink()
+    refused = {  # each: flags -> what the error names; nothing is created for any of them
+        ("--languages", "english"): "languages: ['english'] not known to py3langid",
+        ("--threshold", "1.5"): "threshold must be in (0, 1]",
+        ("--eval-tasks", str(tmp_path / "no.yaml")): "no.yaml: no such task file",
+        ("--eval-files", str(tmp_path / "none.jsonl")): "none.jsonl",
+    }
+    bad_eval = tmp_path / "ev.jsonl"
+    bad_eval.write_text(good + "\n{bad\n", encoding="utf-8")
+    refused[("--eval-files", str(bad_eval))] = "ev.jsonl:2: malformed JSON"
+    for flags, message in refused.items():
+        o = tmp_path / "o4"
+        assert main(["clean", "--input", str(src), "--output", str(o), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not o.exists() and not (tmp_path / "o4.work").exists(), flags
+    # unreadable input: a .zst that is not zstd, named in one line
+    (src / "d.jsonl.zst").write_bytes(b"not zstd at all" * 8)
+    assert main(["clean", "--input", str(src), "--output", str(tmp_path / "o5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "d.jsonl.zst: not zstd" in err[0], err
+    assert not (tmp_path / "o5").exists()
+
+
+def test_an_output_is_reused_only_for_the_same_job(tmp_path, caplog):
+    """prepare --clean and a training source reuse a finished output of the same job; one of
+    other options is refused, and output folders placed inside the input are not read."""
+    src = tmp_path / "in"
+    src.mkdir()
+    text = "The cat sat on the mat and then it went to sleep for a while. " * 12
+    (src / "a.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    stale = src / "o.partial"  # as a killed job leaves it, inside the input folder
+    stale.mkdir()
+    (stale / "part-00099.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(json.dumps({"text": text + "x"}).encode() + b"\n")
+    )
+    opts = CleanOptions(quality=False)
+    first = clean([str(src)], src / "o", opts)
+    assert first["totals"]["documents_in"] == 1  # o.partial was not read as input
+    before = _tree(src / "o")
+    with caplog.at_level("INFO", logger="qwen_cpt"):
+        assert clean([str(src)], src / "o", opts, reuse=True) == first
+    assert "already holds this job's output" in caplog.text
+    with pytest.raises(DataError, match="holds an earlier clean output of other inputs or options"):
+        clean([str(src)], src / "o", CleanOptions(quality=False, ngram=5), reuse=True)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match="holds other files"):
+        clean([str(src)], tmp_path / "other", opts, reuse=True)
+    assert _tree(src / "o") == before  # untouched by the reuse and the refusals
+    assert read_output(src / "o") == [text]
+
+
+def test_prepare_cleans_straight_into_a_cache(corpus, tiny_qwen, tmp_path, capsys):
+    from qwen_cpt.clean import cleaned_inputs
+    from qwen_cpt.data.cache import CacheSource
+
+    src = _small_corpus(tmp_path, corpus["docs"][:20] + corpus["docs"][:3], 2)
+    cache = tmp_path / "cache"
+    args = ["prepare", "--tokenizer", tiny_qwen, "--input", str(src), "--output", str(cache)]
+    assert main([*args, "--clean", "true", "--quality", "false"]) == 0
+    assert "prepared" in capsys.readouterr().out
+    manifest = json.loads((cache / "clean_manifest.json").read_text(encoding="utf-8"))
+    assert (cache / "clean_report.html").is_file() and not (tmp_path / "cache.clean").exists()
+    assert manifest["documents_in"] == 23 and manifest["documents_out"] == 20
+    assert CacheSource(cache).manifest["total_docs"] == 20
+    assert cleaned_inputs({"c": CacheSource(cache)})["c"]["job"] == manifest["job"]
+    # bad clean options on prepare: refused before anything is written
+    bad = [
+        "prepare",
+        "--tokenizer",
+        tiny_qwen,
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "c2"),
+    ]
+    assert main([*bad, "--clean", "true", "--bands", "3"]) == 2
+    assert "bands x rows" in capsys.readouterr().err
+    assert not any(p.name.startswith("c2") for p in tmp_path.iterdir())
+
+
+def test_a_training_source_is_cleaned_and_the_run_records_it(corpus, tiny_qwen, tmp_path, caplog):
+    from qwen_cpt import CPTConfig, CPTTrainer
+    from qwen_cpt.config import ConfigError
+
+    data = _small_corpus(tmp_path, corpus["docs"][:12] + corpus["docs"][:2], 1)
+    out = tmp_path / "run"
+    source = {"name": "law", "files": [str(data)], "clean": {"quality": False}}
+    kw = dict(
+        model_name_or_path=tiny_qwen, output_dir=str(out), max_length=32,
+        per_device_train_batch_size=2, max_steps=2, save_steps=2, eval_steps=100,
+        logging_steps=1, use_tensorboard=False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.clean\.thresold: not a clean option"):
+        CPTConfig(**kw, sources=[{**source, "clean": {"thresold": 0.5}}]).validate()
+    with caplog.at_level("INFO", logger="qwen_cpt"):
+        CPTTrainer(CPTConfig(**kw, sources=[source])).train()
+    manifest = json.loads((out / "cleaned/law/clean_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["documents_in"] == 14 and manifest["documents_out"] == 12
+    state = json.loads((out / "checkpoint-2/trainer_state.json").read_text(encoding="utf-8"))
+    assert state["cleaned_data"]["law"]["job"] == manifest["job"]
+    assert "law reads the cleaned output" in caplog.text and manifest["job"] in caplog.text
 
 
 def test_skip_bad_records_counts_them(tmp_path):

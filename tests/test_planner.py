@@ -670,3 +670,73 @@ def test_auto_batch_for_a_short_run_says_it_takes_one_block():
         "less than one block of 256 tokens per process: one block each"
         in (out["per_device_train_batch_size"][1])
     )
+
+
+# --- lean modes: LoRA, freeze-tuning, and what fits one GPU ---------------------------------------
+
+
+def test_lora_memory_by_hand():
+    from qwen_cpt.planner.memory import LeanMode
+
+    # LoRA r=2 on every linear: per layer r*(in+out) summed over q 64+64, k 64+32, v 64+32,
+    # o 64+64, gate/up 64+176 each, down 176+64 = 1168 -> x 2 layers x r 2 = 4672 parameters
+    lean = LeanMode(lora_r=2, train_embeddings=True)
+    est = estimate_memory(
+        SMALL, micro_batch=1, seq_len=8, bf16=False, chunked_loss=False, device="cpu", lean=lean
+    )
+    c = est.components
+    trained = 4672 + 64000  # adapters + the tied embedding/head, once
+    assert c["weights"] == 4 * (SMALL_TOTAL + 4672)
+    assert c["grads"] == 4 * trained and c["optimizer"] == 8 * trained
+    assert c["embedding_grad"] == 4 * 64000  # tied: the head's gradient waits for the embedding's
+    frozen = estimate_memory(
+        SMALL,
+        micro_batch=1,
+        seq_len=8,
+        bf16=False,
+        chunked_loss=False,
+        device="cpu",
+        lean=LeanMode(lora_r=2, train_embeddings=False),
+    ).components
+    assert frozen["grads"] == 4 * 4672 and frozen["embedding_grad"] == 0
+    # DoRA adds one magnitude per output feature: (64+32+32+64+176+176+64) x 2 layers
+    dora = LeanMode(lora_r=2, dora=True).adapter_params(SMALL)
+    assert dora == (4672, 2 * 608)
+
+
+def test_freeze_memory_and_compute_by_hand():
+    from qwen_cpt.planner.memory import LeanMode, lean_compute_factor
+
+    full = estimate_memory(SMALL, micro_batch=1, seq_len=8, bf16=False, device="cpu")
+    lean = LeanMode(freeze_layers=1, train_embeddings=False)
+    est = estimate_memory(SMALL, micro_batch=1, seq_len=8, bf16=False, device="cpu", lean=lean)
+    # the last layer (46336) and the final norm (64) train
+    assert est.components["grads"] == 4 * (46336 + 64)
+    # frozen embeddings: only the trained layer keeps activations (half of two layers)
+    assert est.components["activations"] == full.components["activations"] / 2
+    p = count_params(SMALL)
+    # forward 2 per weight and token for the frozen layer, 6 for the trained one, 4 for the
+    # frozen head: (2*(92736-46336) + 6*46336 + 4*64000) / (6*(92736+64000))
+    expected = (2 * (92736 - 46336) + 6 * 46336 + 4 * 64000) / (6 * (92736 + 64000))
+    assert lean_compute_factor(SMALL, p, lean) == pytest.approx(expected)
+
+
+def test_plan_lists_the_modes_that_fit_one_gpu(tmp_path, capsys):
+    cfg = _yaml(tmp_path, "model_name_or_path: Qwen/Qwen2.5-7B\nper_device_train_batch_size: 1\n")
+    args = ["plan", cfg, "--tokens", "1e8", "--gpu", "A100", "--gpu-memory", "40"]
+    assert main([*args, "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["fits"] is False
+    modes = {m["mode"]: m for m in mem["modes_that_fit"]}
+    assert modes and all(m["fits"] and m["peak_gib"] <= 36 for m in modes.values())
+    assert mem["modes_that_fit"][0]["flags"] == {"fsdp_cpu_offload": True}
+    assert any(m["flags"].get("use_lora") for m in modes.values())
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "modes that fit this one device" in text and "use_lora: true" in text
+    # a LoRA config is planned as LoRA, and never told to add GPUs (one process only)
+    lora = _yaml(tmp_path, "model_name_or_path: Qwen/Qwen2.5-7B\nuse_lora: true\n")
+    assert main(["plan", lora, "--tokens", "1e8", "--gpu-memory", "40", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["lean_mode"].startswith("LoRA r=64")
+    assert not any("--gpus" in s for s in mem["suggestions"])

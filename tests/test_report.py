@@ -510,3 +510,31 @@ def test_downstream_before_and_after_with_verdicts(tmp_path):
     assert "same within noise" in _row(page, ">docs_mc<")
     assert "Got worse: general_mc acc." in page
     assert "not in the metric registry" not in page
+
+
+def test_answer_section_gives_loss_verdicts_by_their_noise(tmp_path):
+    """The top section: the domain first, a general set judged by eval_loss_se (a rise within
+    twice the standard error of the difference is the same), the setup the run used and its
+    achieved mix; the eval_files set is shown once, not also as all eval data."""
+    run = make_run(tmp_path / "ans", steps=20, eval_every=10, sources=("domain",))
+    _append_records(run, [
+        {"step": 0, "eval_loss/eval": 3.0, "eval_loss_se/eval": 0.05, "eval_ppl/eval": 20.1,
+         "eval_loss/domain": 3.4, "eval_loss_se/domain": 0.01,
+         "attention": "sdpa", "precision": "fp32", "torch_compile": False},
+        {"step": 20, "eval_loss/eval": 3.1, "eval_loss_se/eval": 0.05, "eval_ppl/eval": 22.2,
+         "eval_loss/domain": 2.6, "eval_loss_se/domain": 0.01},
+    ])  # fmt: skip
+    loaded = load_run(run)
+    changes = {c.key: c for c in eval_changes(loaded)}
+    assert "eval_loss" not in changes  # the same set as eval_loss/eval
+    general = changes["eval_loss/eval"]
+    assert general.noise == pytest.approx(2 * math.sqrt(2) * 0.05)
+    assert general.verdict == "same" and not general.worse  # +0.1 <= 0.141
+    assert changes["eval_loss/domain"].verdict == "better"
+    page = write_report([run]).read_text()
+    top = page[page.index('id="answer"') : page.index('id="summary"')]
+    assert top.index("domain loss") < top.index("eval_files loss")  # the domain first
+    assert "3.0000 → 3.1000" in top and "same within noise" in top and "0.1414" in top
+    assert "general (eval_files) loss the same within noise" in top
+    assert "attention sdpa; precision fp32; torch.compile off" in top
+    assert "not in the metric registry" not in page

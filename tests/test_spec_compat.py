@@ -113,6 +113,8 @@ def test_spec_basic_snippet_runs_as_a_script(tiny_qwen, tmp_path):
     # the spec promises the best model is saved: with no eval data, one text is held out
     assert "validation: held out 1 block of train" in res.stderr + res.stdout
     assert (out / "best" / "model.safetensors").is_file()
+    # two short texts are far from one global batch of 16 blocks of 2048 tokens: it says so
+    assert "fewer than one global batch of 16 blocks" in res.stderr + res.stdout
 
 
 def test_spec_advanced_snippet_runs_as_a_script(tiny_qwen, tmp_path):

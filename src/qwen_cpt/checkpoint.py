@@ -15,6 +15,10 @@ What a ``checkpoint-<step>/`` holds (format 2):
   which a resume checks before it loads any weights; ``config.yaml``: the run's config;
 - ``manifest.json``: every file's size and xxh3-128 hash, written last.
 
+A run that freezes parameters (LoRA, freeze-tuning: :mod:`qwen_cpt.lean`) saves only the
+trainable tensors in both parts; its frozen rest is ``model_name_or_path``. Its ``final/`` and
+``best/`` hold the merged full model, and with LoRA the PEFT adapter in ``adapter/``.
+
 Commit protocol (torchtitan's; docs/design.md, "Checkpoint commit protocol"): everything is
 written into ``.tmp-<name>/`` next to the target; the manifest is written; files and folder are
 fsynced; the folder is renamed to ``checkpoint-<step>``. A kill at any moment leaves the previous
@@ -301,8 +305,15 @@ def save_model_dir(target: Path, model, tokenizer, config, state, weights: dict)
     """An HF-format model folder (``final/``, ``best/``): ``weights`` (whole tensors, a tied
     weight once), tokenizer, config, state."""
 
+    from . import lean
+
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if lean.peft_wrapper(model) is not None:  # LoRA: the merged model, and the adapter
+            merged = without_tied(model, lean.merged_state_dict(model))
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=merged)
+            lean.save_adapter(tmp / lean.ADAPTER_DIR, model, config.lora_train_embeddings)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         write_run_files(tmp, tokenizer, config, state)
 
     return save_folder(target, write)
@@ -662,6 +673,8 @@ class CheckpointManager:
             get_optimizer_state_dict,
         )
 
+        from .lean import is_partial, trainable_names
+
         optim = {name: get_optimizer_state_dict(model, opt) for name, opt in optimizers.items()}
         run = {name: json.dumps(part.state_dict()) for name, part in parts.items()}
         state = {
@@ -669,7 +682,11 @@ class CheckpointManager:
             "run": run,
             "rng": {f"rank{self.world.rank}": rng.state_dict()},
         }
-        return without_tied(model, get_model_state_dict(model)), state
+        weights = get_model_state_dict(model)
+        if is_partial(model):  # LoRA / freeze: the frozen rest is model_name_or_path itself
+            keep = trainable_names(model)
+            weights = {k: v for k, v in weights.items() if k in keep}
+        return without_tied(model, weights), state
 
     # --- restoring -------------------------------------------------------------------------------
     def load(self, path: Path, model, optimizers: dict, parts: dict, rng) -> None:

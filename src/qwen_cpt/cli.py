@@ -1,5 +1,5 @@
-"""The ``qwen-cpt`` command line: ``train``, ``prepare``, ``clean``, ``plan``, ``tiny-model``, ``demo``
-and ``report``.
+"""The ``qwen-cpt`` command line: ``train``, ``prepare``, ``clean``, ``plan``, ``tiny-model``, ``demo``,
+``eval`` and ``report``.
 
 Every ``CPTConfig`` field is a ``train`` flag (``--learning_rate 3e-5`` or ``--learning-rate 3e-5``),
 generated from the dataclass, with the field's help text; a negative value may follow a space
@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet records")
     p.add_argument("--txt-split", choices=["file", "paragraph"], default="file")
     p.add_argument("--skip-bad-records", action="store_true")
+    p.add_argument(
+        "--clean", type=parse_bool, default=False, metavar="BOOL",
+        help="first clean the input as `qwen-cpt clean` does (the clean options below), then "
+        "tokenize what it keeps; its report and manifest go into the cache [default: false]",
+    )  # fmt: skip
+    from .clean import add_clean_options
+
+    add_clean_options(p, skip=("workers", "text_field", "txt_split", "skip_bad_records"))
 
     p = sub.add_parser("train", help="train from a YAML config, with optional field overrides")
     p.add_argument("config", nargs="?", help="YAML file of CPTConfig fields")
@@ -120,7 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the main job, offline on CPU: CPT of a tiny model on Python's stdlib"
     )
     p.add_argument("--output-dir", default="./demo_output")
-    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument(
+        "--budget", type=float, default=1.0, help="scale every step count (0.2: a quick check)"
+    )
+
+    p = sub.add_parser(
+        "eval", help="score a saved model folder on lm-eval tasks, as eval_tasks does in a run"
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder (final/)")
+    p.add_argument(
+        "--tasks", nargs="+", required=True, help="lm-eval task names, task YAMLs or folders"
+    )
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
 
     p = sub.add_parser(
         "report", help="write report.html (charts, forgetting table, config) for runs to compare"
@@ -267,16 +289,26 @@ def _prepare(args: argparse.Namespace) -> int:
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
+    inputs, attach, cleaned = args.input, (), None
+    if args.clean:  # the clean pipeline first, then its shards are tokenized
+        from .clean import clean_for_prepare
+
+        inputs, attach, cleaned = clean_for_prepare(args)
     m = prepare(
-        args.input,
+        inputs,
         args.output,
         tokenizer,
         args.tokenizer,
         workers=args.workers,
-        text_field=args.text_field,
-        txt_split=args.txt_split,
-        skip_bad_records=args.skip_bad_records,
+        text_field="text" if cleaned else args.text_field,
+        txt_split="file" if cleaned else args.txt_split,
+        skip_bad_records=False if cleaned else args.skip_bad_records,
+        attach=attach,
     )
+    if cleaned:
+        import shutil
+
+        shutil.rmtree(cleaned)
     skipped = f", skipped {m['skipped_records']:,} bad records" if m["skipped_records"] else ""
     print(
         f"prepared {args.output}: {m['total_docs']:,} documents, {m['total_tokens']:,} tokens "
@@ -328,8 +360,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        result = run_demo(args.output_dir, args.max_steps)
+        result = run_demo(args.output_dir, args.budget)
         return 0 if result["improved"] else 1
+    if args.command == "eval":
+        from .downstream import eval_command
+
+        return eval_command(args)
     if args.command == "report":
         from .report import report_command
 

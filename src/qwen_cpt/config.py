@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
+
 SCHEDULERS = ("cosine", "constant", "wsd")
 NAN_POLICIES = ("abort", "skip")
 ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
@@ -31,16 +33,6 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
-
-
-class ConfigError(ValueError):
-    """One or more invalid config values. ``errors`` lists every problem found."""
-
-    def __init__(self, errors: list[str], source: str | None = None):
-        self.errors = list(errors)
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {e}" for e in self.errors)
-        super().__init__(f"invalid configuration{where} ({len(self.errors)} problem(s)):\n{lines}")
 
 
 @dataclass
@@ -85,8 +77,10 @@ class CPTConfig:
     sources: list[dict] = _f(
         [],
         "Named training sources mixed by token share, e.g. domain text plus general replay: "
-        "a list of {name, files, weight, eval_files (optional), text_field (optional)}. "
-        "Use instead of train_files.",
+        "a list of {name, files, weight, eval_files (optional), text_field (optional), clean "
+        "(optional: true, or a mapping of `qwen-cpt clean` options; the source is cleaned "
+        "once, before training, and decontaminated against the run's eval data), clean_output "
+        "(optional, default <output_dir>/cleaned/<name>)}. Use instead of train_files.",
     )
     skip_bad_records: bool = _f(
         False, "Skip malformed records (bad JSON, bad UTF-8, missing field) and count them."
@@ -136,6 +130,37 @@ class CPTConfig:
         "biases. Off by default: for CPT of an AdamW-trained model, Moonlight found it on par.",
     )
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
+
+    # --- lean modes: LoRA / DoRA and freeze-tuning (one GPU) --------------------------------------
+    use_lora: bool = _f(
+        False,
+        "Train LoRA adapters (PEFT) instead of the full weights: the base stays frozen in fp32, "
+        "checkpoints hold only what trains, and final/ holds the merged model plus adapter/.",
+    )
+    lora_r: int = _f(64, "LoRA rank.")
+    lora_alpha: float = _f(128.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (0: none, as Unsloth's CPT recipe).")
+    lora_target_modules: list[str] = _f(
+        ["all-linear"],
+        "Module names that get adapters (e.g. q_proj, v_proj); all-linear: every linear layer "
+        "of the decoder (never lm_head: see lora_train_embeddings).",
+    )
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, arXiv 2402.09353) with use_lora.")
+    lora_train_embeddings: bool = _f(
+        True,
+        "With use_lora or freeze_trainable_layers: also train embed_tokens and lm_head fully "
+        "(once when tied), as CPT on new text needs.",
+    )
+    embedding_learning_rate: float | None = _f(
+        None,
+        "Peak learning rate of embed_tokens and lm_head (Unsloth's CPT recipe: 2-10x below "
+        "learning_rate). None: learning_rate.",
+    )
+    freeze_trainable_layers: int = _f(
+        0,
+        "Freeze-tuning (LLaMA-Factory's freeze): train only the last k decoder layers and the "
+        "final norm (plus embeddings and head with lora_train_embeddings). 0: off.",
+    )
     seed: int = _f(42, "Random seed for weights init of new layers, data order and dropout.")
     deterministic: bool = _f(
         False,
@@ -252,6 +277,11 @@ class CPTConfig:
     eval_tasks_limit: int | None = _f(
         None, "Score at most this many examples of each eval_tasks task (None: all of them)."
     )
+    forgetting_tolerance: float | None = _f(
+        None,
+        "Warn once per eval set when its eval loss rises more than this many nats/token above "
+        "its value at step 0 (forgetting of general text; e.g. 0.05). None: no warning.",
+    )
     save_steps: int = _f(500, "Write checkpoint-<step>/ every N optimizer steps (0: only epochs).")
     save_total_limit: int | None = _f(
         3, "Keep at most N checkpoint-<step>/ folders (None: keep all). best/ is never deleted."
@@ -329,6 +359,10 @@ class CPTConfig:
             f"eval_tasks_limit: must be >= 1 or None, got {self.eval_tasks_limit}",
         )
         need(
+            self.forgetting_tolerance is None or self.forgetting_tolerance >= 0,
+            f"forgetting_tolerance: must be >= 0 or None, got {self.forgetting_tolerance}",
+        )
+        need(
             self.save_total_limit is None or self.save_total_limit >= 1,
             f"save_total_limit: must be >= 1 or None, got {self.save_total_limit}",
         )
@@ -394,6 +428,7 @@ class CPTConfig:
             f"attention_implementation: must be one of {', '.join(ATTENTION_CHOICES)}, "
             f"got {self.attention_implementation!r}",
         )
+        errors.extend(_lean_mode_errors(self))
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
@@ -456,7 +491,7 @@ class CPTConfig:
 
 def _source_errors(sources: list[dict]) -> list[str]:
     errors, names = [], set()
-    allowed = {"name", "files", "weight", "eval_files", "text_field"}
+    allowed = {"name", "files", "weight", "eval_files", "text_field", "clean", "clean_output"}
     for i, src in enumerate(sources):
         where = f"sources[{i}]"
         unknown = sorted(set(src) - allowed)
@@ -481,6 +516,51 @@ def _source_errors(sources: list[dict]) -> list[str]:
         w = src.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             errors.append(f"{where}.weight: must be a number > 0, got {w!r}")
+        if src.get("clean") not in (None, False):
+            from .clean.options import options_from
+
+            try:
+                options_from(src["clean"], f"{where}.clean")
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+        if "clean_output" in src and not (
+            isinstance(src["clean_output"], str) and src["clean_output"]
+        ):
+            errors.append(f"{where}.clean_output: expected a path, got {src['clean_output']!r}")
+    return errors
+
+
+def _lean_mode_errors(cfg: CPTConfig) -> list[str]:
+    """LoRA and freeze-tuning fields; each message names its field."""
+    errors = []
+    if cfg.lora_r < 1:
+        errors.append(f"lora_r: must be >= 1, got {cfg.lora_r}")
+    if not (cfg.lora_alpha > 0 and math.isfinite(cfg.lora_alpha)):
+        errors.append(f"lora_alpha: must be > 0, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        errors.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.lora_target_modules or not all(cfg.lora_target_modules):
+        errors.append("lora_target_modules: must list module names, or all-linear")
+    tables = sorted({"lm_head", "embed_tokens"} & set(cfg.lora_target_modules))
+    if tables:
+        errors.append(
+            f"lora_target_modules: {', '.join(tables)} is trained fully with "
+            "lora_train_embeddings, not through an adapter; leave it out"
+        )
+    lr = cfg.embedding_learning_rate
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        errors.append(f"embedding_learning_rate: must be > 0 or None, got {lr}")
+    if cfg.freeze_trainable_layers < 0:
+        errors.append(f"freeze_trainable_layers: must be >= 0, got {cfg.freeze_trainable_layers}")
+    if cfg.use_dora and not cfg.use_lora:
+        errors.append("use_dora: needs use_lora: true")
+    if cfg.use_lora and cfg.freeze_trainable_layers:
+        errors.append("freeze_trainable_layers and use_lora conflict: choose one lean mode")
+    if (cfg.use_lora or cfg.freeze_trainable_layers) and cfg.fsdp_cpu_offload:
+        errors.append(
+            f"fsdp_cpu_offload: not supported with {'use_lora' if cfg.use_lora else 'freeze_trainable_layers'}"
+            " (one process, no FSDP2, in this version); use one or the other"
+        )
     return errors
 
 

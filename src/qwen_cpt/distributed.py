@@ -60,14 +60,13 @@ class LossModule(torch.nn.Module):
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise DistributedError(
-            f"cannot find the decoder layers of {type(model).__name__} (expected "
-            f"model.{getattr(model, 'base_model_prefix', 'model')}.layers) to shard with FSDP2"
-        )
-    return list(layers)
+    """The blocks FSDP2 shards one by one."""
+    from .perf import decoder_layers as find
+
+    try:
+        return find(model, "FSDP2")
+    except ValueError as e:
+        raise DistributedError(str(e)) from None
 
 
 @dataclasses.dataclass

@@ -57,17 +57,25 @@ class Downstream:
 
     @classmethod
     def from_config(cls, cfg: CPTConfig) -> Downstream:
+        """:meth:`from_specs` of ``eval_tasks``, ``eval_tasks_limit`` and the eval batch size."""
+        return cls.from_specs(cfg.eval_tasks, cfg.eval_tasks_limit, cfg.per_device_eval_batch_size)
+
+    @classmethod
+    def from_specs(cls, entries: list[str], limit: int | None, batch_size: int) -> Downstream:
         """Resolve and load every task once; raise ConfigError naming the first bad one.
 
         A folder contributes every task its YAML files define; a ``.yaml``/``.yml`` path the task
         it defines; anything else is a name in lm-eval's registry (indexing that registry takes
-        about 25 s on 2 CPU cores, so it is read only when a name needs it).
+        about 25 s on 2 CPU cores, so it is read only when a name needs it); the tasks shipped in
+        :mod:`qwen_cpt.tasks` (``stdlib_next_line``, ``docs_next_sentence``) are known by name.
         """
         _, _, TaskManager = _lm_eval()
         from lm_eval.tasks._index import Kind, TaskIndex
 
-        folders, specs, names = [], [], []
-        for entry in cfg.eval_tasks:
+        from .tasks import SHIPPED, TASKS_DIR
+
+        folders, specs, names, shipped = [], [], [], set(SHIPPED)
+        for entry in entries:
             path = Path(entry).expanduser()
             if path.is_dir():
                 index = TaskIndex().build([path])
@@ -82,9 +90,13 @@ class Downstream:
                 if not path.is_file():
                     raise ConfigError([f"eval_tasks: {entry}: no such task file"])
                 specs.append(str(path))
+            elif entry in shipped:  # qwen_cpt.tasks, known without lm-eval's registry
+                specs.append(entry)
             else:
                 names.append(entry)
                 specs.append(entry)
+        if shipped & set(specs) and str(TASKS_DIR) not in folders:
+            folders.append(str(TASKS_DIR))
         manager = TaskManager(include_path=folders or None, include_defaults=bool(names))
         for name in names:
             if name not in manager.all_tasks and not manager.match_tasks([name]):
@@ -103,7 +115,7 @@ class Downstream:
             except Exception as exc:
                 msg = " ".join(str(exc).split())
                 raise ConfigError([f"eval_tasks: {spec}: lm-eval cannot load it: {msg}"]) from None
-        return cls(specs, manager, cfg.eval_tasks_limit, cfg.per_device_eval_batch_size)
+        return cls(specs, manager, limit, batch_size)
 
     # --- scoring ------------------------------------------------------------------------------
     def evaluate(self, model, tokenizer, world, runtime, step: int) -> dict[str, float]:
@@ -143,6 +155,38 @@ class Downstream:
                 log_samples=False,
             )
         return scores(out["results"])
+
+
+def eval_command(args) -> int:
+    """``qwen-cpt eval MODEL_DIR --tasks ...``: the scores of a saved folder, by the code the
+    training loop runs (:meth:`Downstream._score`), so they equal the run's logged numbers."""
+    import json
+
+    from .model import load_model, load_tokenizer, resolve_runtime
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError([f"--limit: must be >= 1, got {args.limit}"])
+    if args.batch_size < 1:
+        raise ConfigError([f"--batch-size: must be >= 1, got {args.batch_size}"])
+    tasks = Downstream.from_specs(args.tasks, args.limit, args.batch_size)  # before the model
+    runtime = resolve_runtime(args.device, False, False, "auto")
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args.model_dir, runtime, False, torch.float32).eval()
+    with torch.random.fork_rng(devices=[]):
+        metrics = tasks._score(model, tokenizer)
+    for key, v in metrics.items():
+        if "_stderr" not in key:
+            se = metrics.get(_stderr_key(key))
+            print(f"{key[len(PREFIX) :]:40s} {v:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def _stderr_key(key: str) -> str:
+    """``downstream/t/acc`` -> ``downstream/t/acc_stderr`` (``acc@f`` -> ``acc_stderr@f``)."""
+    name, sep, filt = key.partition("@")
+    return f"{name}_stderr{sep}{filt}"
 
 
 def scores(results: dict) -> dict[str, float]:

@@ -23,6 +23,7 @@ CONDITIONS = {
     "flops": "the model's FLOPs per token are known (dense decoder architectures)",
     "peak": "the device's bf16 peak is known (a known GPU, or peak_tflops)",
     "downstream": "eval_tasks is set (lm-evaluation-harness tasks)",
+    "eval_batches": "an eval set fills at least two eval batches (for a standard error)",
 }
 
 
@@ -66,6 +67,8 @@ METRICS: tuple[Metric, ...] = tuple(Metric(*row) for row in (
     ("eval_ppl",                  "eval perplexity",          "",            "human",    "eval",  None,         "forgetting", True,    "eval"),
     ("eval_loss/",                "eval loss",                "nats/token",  ".4f",      "eval",  "loss",       "forgetting", True,    "eval_sets"),
     ("eval_ppl/",                 "eval perplexity",          "",            "human",    "eval",  None,         "forgetting", True,    "eval_sets"),
+    ("eval_loss_se",              "eval loss standard error", "nats/token",  ".4f",      "eval",  None,         "forgetting", None,    "eval_batches"),
+    ("eval_loss_se/",             "eval loss standard error", "nats/token",  ".4f",      "eval",  None,         "forgetting", None,    "eval_batches"),
     # <task>/<metric> of lm-eval; higher is better but for the names qwen_cpt.report.read says
     ("downstream/",               "downstream score",         "",            ".4f",      "eval",  None,         "forgetting", False,   "downstream"),
     ("attention",                 "attention kernel",         "",            "text",     "start", None,         "setup",      None,    None),

@@ -134,11 +134,24 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
     ``ns_device``) and otherwise matches ``torch.optim.Muon``.
     """
     split = split_parameters(model, cfg.use_muon_optimizer)
+    emb_lr = getattr(cfg, "embedding_learning_rate", None)
+    tables = _tables(model) if emb_lr is not None else set()
     adamw_groups = [
-        {"params": [p for _, p in split.adamw_decay], "weight_decay": cfg.weight_decay},
+        {
+            "params": [p for _, p in split.adamw_decay if id(p) not in tables],
+            "weight_decay": cfg.weight_decay,
+        },
+        # embed_tokens / lm_head at their own peak lr (Unsloth's CPT recipe), same schedule
+        {
+            "params": [p for _, p in split.adamw_decay if id(p) in tables],
+            "weight_decay": cfg.weight_decay,
+            "lr": emb_lr,
+        },
         {"params": [p for _, p in split.adamw_no_decay], "weight_decay": 0.0},
     ]
     adamw_groups = [g for g in adamw_groups if g["params"]]
+    if not split.muon and not adamw_groups:
+        raise OptimizerSetupError("no parameter is trainable (every weight is frozen)")
     opts: dict[str, torch.optim.Optimizer] = {}
     if split.muon:
         muon_args = dict(

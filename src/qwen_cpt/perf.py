@@ -126,8 +126,9 @@ class FlopsMeter:
 # --- torch.compile ---------------------------------------------------------------------------------
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of a HF causal LM (``model.model.layers`` for Qwen2/Llama)."""
+def decoder_layers(model, purpose: str = "use_torch_compile") -> list[torch.nn.Module]:
+    """The repeated decoder blocks of a HF causal LM (``model.model.layers`` for Qwen2/Llama);
+    ``purpose`` starts the error when there are none."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     layers = getattr(base, "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
@@ -137,7 +138,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not found:
         raise ValueError(
-            f"use_torch_compile: found no decoder layers in {type(model).__name__} "
+            f"{purpose}: found no decoder layers in {type(model).__name__} "
             "(expected <base>.layers or transformers GradientCheckpointingLayer blocks)"
         )
     return found

@@ -32,9 +32,14 @@ GEOMETRY_FIELDS = (
     "document_aware_packing",
     "seed",
     "use_muon_optimizer",
-)
-# a changed optimizer has other state to resume: Muon+AdamW or AdamW alone
-FIXED_FIELDS = ("max_length", "document_aware_packing", "seed", "use_muon_optimizer")
+    *(LEAN_FIELDS := (
+        "use_lora", "lora_r", "lora_target_modules", "use_dora", "lora_train_embeddings",
+        "freeze_trainable_layers",
+    )),
+)  # fmt: skip
+# a changed optimizer has other state to resume: Muon+AdamW or AdamW alone; a changed lean mode
+# (LoRA, freeze) trains other tensors
+FIXED_FIELDS = ("max_length", "document_aware_packing", "seed", "use_muon_optimizer", *LEAN_FIELDS)
 ARCH_FIELDS = (
     "model_type",
     "hidden_size",

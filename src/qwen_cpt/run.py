@@ -22,8 +22,9 @@ from .autotune import choose_kernels
 from .checkpoint import CheckpointManager
 from .config import ConfigError, CPTConfig
 from .distributed import World
-from .evaluate import Evaluator
+from .evaluate import Evaluator, ForgettingAlarm
 from .kernels import enable_liger
+from .lean import apply_lean_mode, check_world
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
     ModelLoadError,
@@ -64,6 +65,7 @@ class Run:
     trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers([]))
     tracker_state: dict = dataclasses.field(default_factory=dict)
     kernels: dict = dataclasses.field(default_factory=dict)  # autotune.KernelChoice.record
+    alarm: ForgettingAlarm | None = None  # forgetting_tolerance, set by build_run
 
     @property
     def total(self) -> int:
@@ -123,6 +125,7 @@ def build_run(
 ) -> Run:
     """Load and wrap the model, check a resume from ``path`` (None: a fresh run), build the
     optimizers, schedule and checkpoint manager. The checkpoint's state is loaded later."""
+    check_world(cfg, world)  # LoRA / freeze: one process only, refused before loading
     cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
     model = world.load_model(  # sharded: rank 0 reads the weights, the others build on meta
         lambda: load_model(cfg.model_name_or_path, cpu if world.sharded else runtime,
@@ -142,6 +145,7 @@ def build_run(
     # Liger's kernels (CUDA, when installed and checked) before checkpointing and compile wrap
     # each part used only if it passed on every rank
     fused_ce = enable_liger(model, runtime.device, world) if cfg.use_liger_kernel else None
+    model = apply_lean_mode(model, cfg)  # LoRA/DoRA adapters or freeze-tuning (qwen_cpt.lean)
     if cfg.use_gradient_checkpointing:
         enable_activation_checkpointing(model, cfg.gradient_checkpointing_every_n_layers)
     # attention and compile: as configured, or measured on this GPU (qwen_cpt.autotune)
@@ -173,6 +177,7 @@ def build_run(
         CheckpointManager(out, world, keep=cfg.save_total_limit, use_async=cfg.async_checkpoint),
         RNGState(runtime.device), FlopsMeter(model.config, cfg.max_length, runtime.device, cfg.peak_tflops),
         steps_per_epoch, sync_every, kernels=kernels.record,
+        alarm=ForgettingAlarm(cfg.forgetting_tolerance, out / "metrics.jsonl"),
     )  # fmt: skip
 
 
@@ -302,6 +307,12 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
         "model: %s (%s parameters, %s non-embedding) on %s, %s", cfg.model_name_or_path,
         f"{total_params:,}", f"{non_emb:,}", rt.device, precision,
     )  # fmt: skip
+    for name, c in cleaned_data(data).items():
+        log.info(
+            "data: %s reads the cleaned output %s (clean job %s, options %s; %s of %s documents "
+            "kept; report %s)", name, c["clean_output"], c["job"], c["options_digest"],
+            f"{c['documents_out']:,}", f"{c['documents_in']:,}", c["report"],
+        )  # fmt: skip
     log.info(
         "data: %s blocks of %d tokens per epoch (%s), eval sets %s; %d steps (%d per epoch, "
         "%d warmup), global batch %d x %d tokens",
@@ -311,6 +322,14 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size,
         cfg.max_length,
     )  # fmt: skip
+
+
+def cleaned_data(data) -> dict[str, dict]:
+    """``{source: its qwen-cpt clean output}`` for the sources that read one (see
+    :func:`qwen_cpt.clean.cleaned_inputs`); empty for the others."""
+    from .clean import cleaned_inputs
+
+    return cleaned_inputs({name: s.source for name, s in data.streams.items()})
 
 
 def resolved_setup(run: Run) -> dict:

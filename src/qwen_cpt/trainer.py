@@ -40,6 +40,7 @@ from .run import (
     build_run,
     check_texts,
     check_writable,
+    cleaned_data,
     log_done,
     log_setup,
     open_data,
@@ -318,6 +319,8 @@ class CPTTrainer:
             return
         metrics = run.evaluator.evaluate(run.loss_module, st.step)
         run.trackers.log(metrics, st.step)
+        if run.world.is_main:
+            run.alarm.check(metrics, st.step)
         loss = metrics["eval_loss"]
         if st.step > 0 and (st.best_eval_loss is None or loss < st.best_eval_loss):
             st.best_eval_loss = loss
@@ -332,6 +335,7 @@ class CPTTrainer:
             "format": 2, **st.state_dict(), "geometry": resume.geometry(cfg, run.world.size),
             "data_fingerprint": run.data.identity(), "data_identity": run.data.describe_identity(),
             "data_position": run.data.state_dict(), "kernels": run.kernels,
+            "cleaned_data": cleaned_data(run.data),  # which `qwen-cpt clean` output it read
         }  # fmt: skip
 
         def main_files(tmp: Path) -> None:

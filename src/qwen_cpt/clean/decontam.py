@@ -86,3 +86,34 @@ class EvalIndex:
             self.names[bit]: (count, " ".join(toks[at : at + n]))
             for bit, (count, at) in sorted(found.items())
         }
+
+
+def task_documents(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """``{task: texts}``: each evaluation document of the lm-eval ``tasks`` as the model would
+    see it, its prompt (``doc_to_text``) followed by its answer (the target, or for a multiple
+    choice task the right choice), so a training page holding the question or the answer is
+    found. The tasks are resolved and checked as the training config's ``eval_tasks`` are
+    (:meth:`qwen_cpt.downstream.Downstream.from_config`: a bad name or YAML is one error)."""
+    from types import SimpleNamespace
+
+    from ..downstream import Downstream
+
+    spec = SimpleNamespace(
+        eval_tasks=list(tasks), eval_tasks_limit=None, per_device_eval_batch_size=1
+    )
+    resolved = Downstream.from_config(spec)
+    loaded = resolved.manager.load(list(resolved.specs))["tasks"]
+    out: dict[str, list[str]] = {}
+    for name, task in sorted(loaded.items()):
+        texts = []
+        for doc in task.eval_docs:
+            prompt, target = task.doc_to_text(doc), task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice":
+                choices = task.doc_to_choice(doc)
+                if isinstance(target, int) and 0 <= target < len(choices):
+                    target = choices[target]
+            parts = [x for x in (prompt, target) if isinstance(x, str) and x.strip()]
+            if parts:
+                texts.append(" ".join(parts))
+        out[str(name)] = texts
+    return out

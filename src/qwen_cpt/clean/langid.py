@@ -7,6 +7,16 @@ n-grams); with ``norm_probs=True`` its score is a probability (docs/design.md,
 
 from __future__ import annotations
 
+import functools
+
+
+@functools.cache
+def known_languages() -> frozenset[str]:
+    """The language codes py3langid can answer."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return frozenset(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+
 
 class LanguageId:
     def __init__(self, sample_chars: int = 4000):

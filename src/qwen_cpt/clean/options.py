@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 DECONTAMINATE_CHOICES = ("drop", "report")
 TXT_SPLIT_CHOICES = ("file", "paragraph")
@@ -93,6 +93,12 @@ class CleanOptions:
         "Eval sets to decontaminate against, each NAME=PATH or PATH (files, directories or "
         "globs, read like the training files).",
     )
+    eval_tasks: list[str] = _f(
+        [],
+        "lm-eval tasks to decontaminate against, as the training config's eval_tasks (task "
+        "names, task YAML files or folders of them): the text and answer of each evaluation "
+        "document (pip install qwen-cpt[eval]).",
+    )
     decontam_ngram: int = _f(13, "Words per n-gram window compared with the eval sets.")
     decontaminate: str = _f(
         "drop", "drop: remove a document sharing a window with an eval set; report: keep it."
@@ -124,9 +130,17 @@ class CleanOptions:
             errors.append(f"min_language_score must be in [0, 1], got {self.min_language_score}")
         if self.language_sample_chars < 1:
             errors.append("language_sample_chars must be at least 1")
+        self.languages = sorted({x.strip().lower() for x in self.languages if x.strip()})
+        if self.languages:
+            from .langid import known_languages
+
+            unknown = [x for x in self.languages if x not in known_languages()]
+            if unknown:
+                errors.append(
+                    f"languages: {unknown} not known to py3langid (ISO 639-1 codes such as en, zh)"
+                )
         if errors:
             raise ConfigError(errors, source="qwen-cpt clean options")
-        self.languages = sorted({x.strip().lower() for x in self.languages if x.strip()})
         return self
 
     def to_dict(self) -> dict:
@@ -136,6 +150,35 @@ class CleanOptions:
         """The options the output depends on: all but ``workers`` (the output is the same for
         any number of workers), saved with the output and compared when a job resumes."""
         return {k: v for k, v in self.to_dict().items() if k != "workers"}
+
+
+def options_from(value, where: str, defaults: dict | None = None) -> CleanOptions:
+    """The options a ``clean:`` entry asks for (``true`` or a mapping of option names), over
+    ``defaults``; raises :class:`ConfigError` naming ``where`` and the bad key or value."""
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError([f"{where}: expected true or a mapping of clean options, got {value!r}"])
+    types = option_types()
+    errors = []
+    for key, v in value.items():
+        hint = types.get(key)
+        if hint is None:
+            errors.append(f"{where}.{key}: not a clean option (see docs/config.md, clean options)")
+        elif "list" in str(hint):
+            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                errors.append(f"{where}.{key}: expected a list of strings, got {v!r}")
+        elif hint is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                errors.append(f"{where}.{key}: expected a number, got {v!r}")
+        elif not isinstance(v, hint) or (hint is int and isinstance(v, bool)):
+            errors.append(f"{where}.{key}: expected {hint.__name__}, got {v!r}")
+    if errors:
+        raise ConfigError(errors)
+    try:
+        return CleanOptions(**{**(defaults or {}), **value}).validate()
+    except ConfigError as exc:
+        raise ConfigError([f"{where}: {e}" for e in exc.errors]) from None
 
 
 def option_help() -> dict[str, str]:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -93,7 +94,7 @@ def _documents(source: FileSource):
     return read_whole_documents(source)
 
 
-def scan_file(index: int, path: str, opts_dict: dict, work: str) -> dict:
+def scan_file(index: int, path: str, opts_dict: dict, work: str, eval_entries: list) -> dict:
     """Phase 1 for one input file (see the module docstring); returns its summary."""
     import xxhash
     from rensa import RMinHash
@@ -101,7 +102,7 @@ def scan_file(index: int, path: str, opts_dict: dict, work: str) -> dict:
     from .text import normalized, shingles, snippet, tokens
 
     opts = CleanOptions(**opts_dict)
-    langid, quality, evals = _tools(opts, opts.eval_files)
+    langid, quality, evals = _tools(opts, eval_entries)
     work_dir = Path(work)
     source = _source(Path(path), opts)
     k = opts.samples_per_rule
@@ -269,11 +270,17 @@ class _Runner:
         return [f.result() for f in futures]
 
 
-def _inputs(entries: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """The input files and, for each, the ``--input`` entry it came from (its source)."""
+def _inputs(entries: Sequence[str], own: Sequence[Path] = ()) -> tuple[list[Path], list[str]]:
+    """The input files and, for each, the ``--input`` entry it came from (its source).
+
+    Nothing under ``own`` (the output and its work folders) is read: an output placed inside an
+    input folder is never read back when the job resumes."""
     files, origin = [], []
+    skip = [p.resolve() for p in own]
     for entry in entries:
         for f in expand_paths([entry], what="clean --input"):
+            if any(f.resolve().is_relative_to(s) for s in skip):
+                continue
             if f.is_dir() or _kind(f) == "" or (f / CACHE_MANIFEST).exists():
                 raise DataError(
                     f"clean --input: {str(f)!r} is a qwen-cpt prepare cache (token ids, not "
@@ -284,7 +291,27 @@ def _inputs(entries: Sequence[str]) -> tuple[list[Path], list[str]]:
     return files, origin
 
 
-def _job_identity(opts: CleanOptions, files: list[Path], origin: list[str]) -> dict:
+def _task_sets(opts: CleanOptions) -> dict[str, list[str]]:
+    """``{eval set name: texts}`` of the lm-eval ``eval_tasks`` (a task named like an eval file
+    is called ``task:<name>``)."""
+    if not opts.eval_tasks:
+        return {}
+    from .decontam import parse_eval_entries, task_documents
+
+    taken = {name for name, _ in parse_eval_entries(opts.eval_files)}
+    return {
+        (f"task:{name}" if name in taken else name): texts
+        for name, texts in task_documents(opts.eval_tasks).items()
+    }
+
+
+def _texts_digest(texts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _job_identity(
+    opts: CleanOptions, files: list[Path], origin: list[str], tasks: dict[str, list[str]]
+) -> dict:
     evals = {}
     if opts.eval_files:
         from .decontam import parse_eval_entries
@@ -298,26 +325,57 @@ def _job_identity(opts: CleanOptions, files: list[Path], origin: list[str]) -> d
         "options": opts.output_options(),
         "inputs": [[str(f), file_digest(f), o] for f, o in zip(files, origin)],
         "eval_files": evals,
+        "eval_tasks": {name: _texts_digest(texts) for name, texts in tasks.items()},
     }
 
 
-def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None = None) -> dict:
+def job_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def clean(
+    inputs: Sequence[str],
+    output: str | Path,
+    opts: CleanOptions | None = None,
+    reuse: bool = False,
+    what: str = "clean --output",
+) -> dict:
     """Clean ``inputs`` (files, directories, globs) into the new directory ``output``.
 
     Returns the report (also written as ``clean_report.json`` and ``clean_report.html``).
     Raises :class:`DataError` for unusable input or an existing ``output``, before writing it.
+    With ``reuse`` (``prepare --clean`` and a training source's ``clean``), an ``output`` that
+    holds this very job's finished output (same inputs, options and eval data) is
+    returned as it is; one of another job is still refused.
     """
     opts = (opts or CleanOptions()).validate()
     out = Path(output).expanduser()
-    if out.exists():
-        raise DataError(
-            f"clean --output: {str(out)!r} already exists; qwen-cpt clean never writes over a "
-            "previous output (choose a new directory, or remove that one)"
-        )
-    files, origin = _inputs(inputs)
-    identity = _job_identity(opts, files, origin)
     work = out.with_name(out.name + ".work")
     partial = out.with_name(out.name + ".partial")
+    if out.exists() and not reuse:
+        raise DataError(
+            f"{what}: {str(out)!r} already exists; qwen-cpt clean never writes over a "
+            "previous output (choose a new directory, or remove that one)"
+        )
+    files, origin = _inputs(inputs, own=(out, work, partial))
+    if opts.eval_files:  # a bad eval file is refused before the work folder is made
+        _tools(opts, list(opts.eval_files))
+    tasks = _task_sets(opts)
+    identity = _job_identity(opts, files, origin, tasks)
+    if out.exists():
+        try:
+            done = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+            report = json.loads((out / REPORT_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            done = None
+        if done is None or done.get("job") != job_digest(identity):
+            kind = "an earlier clean output of other inputs or options" if done else "other files"
+            raise DataError(
+                f"{what}: {str(out)!r} holds {kind}; qwen-cpt never writes over it (remove it, "
+                "or choose another directory)"
+            )
+        log.info("clean: %s already holds this job's output (job %s)", out, done["job"])
+        return report
     job_file = work / "job.json"
     if work.exists():
         try:
@@ -332,16 +390,27 @@ def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None =
             shutil.rmtree(partial, ignore_errors=True)
         else:
             log.info("clean: resuming the job in %s", work)
+    elif partial.exists():  # shards of a job whose work folder is gone: not this job's
+        log.info("clean: removing %s, left by an earlier job", partial)
+        shutil.rmtree(partial)
     work.mkdir(parents=True, exist_ok=True)
     partial.mkdir(parents=True, exist_ok=True)
     if not job_file.exists():
         _write_json(job_file, identity)
     od = opts.to_dict()
+    eval_entries = list(opts.eval_files)
+    for name, texts in tasks.items():  # the task documents, read by the scan like eval files
+        target = work / ("eval-task-" + re.sub(r"[^\w.-]", "_", name) + ".jsonl")
+        if not target.exists():
+            data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            encoded = data.encode("utf-8")
+            _atomic_write(target, lambda fh, b=encoded: fh.write(b))
+        eval_entries.append(f"{name.replace('/', '_')}={target}")
 
     with _Runner(opts.workers) as runner:
         # 1. scan
         todo = [
-            (i, str(f), od, str(work))
+            (i, str(f), od, str(work), eval_entries)
             for i, f in enumerate(files)
             if not (work / f"scan-{i:05d}.json").exists()
         ]
@@ -351,6 +420,10 @@ def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None =
             json.loads((work / f"scan-{i:05d}.json").read_text(encoding="utf-8"))
             for i in range(len(files))
         ]
+        if not sum(s["documents"] for s in scans):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DataError(f"clean --input: no documents found in {list(inputs)}")
         # 2. resolve
         resolved_file = work / "resolve.json"
         if not resolved_file.exists():
@@ -378,7 +451,13 @@ def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None =
 
     from .report import build_report, render_html
 
-    eval_stats = _tools(opts, opts.eval_files)[2].stats if opts.eval_files else {}
+    eval_stats = dict(_tools(opts, eval_entries)[2].stats) if eval_entries else {}
+    for name in tasks:  # named by the task, not by the exported file
+        eval_stats[name.replace("/", "_")] = {
+            **eval_stats[name.replace("/", "_")],
+            "path": f"lm-eval task {name}",
+            "files": [],
+        }
     report = build_report(files, origin, opts, eval_stats, scans, resolved, writes, work)
     _write_json(partial / REPORT_JSON, report)
     html = render_html(report).encode("utf-8")
@@ -390,6 +469,7 @@ def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None =
         "library_versions": library_versions(),
         "inputs": identity["inputs"],
         "eval_files": identity["eval_files"],
+        "eval_tasks": identity["eval_tasks"],
         "shards": [
             {"file": w["shard"], "documents": w["documents"], "input": str(files[i])}
             for i, w in enumerate(writes)
@@ -397,7 +477,7 @@ def clean(inputs: Sequence[str], output: str | Path, opts: CleanOptions | None =
         ],
         "documents_in": report["totals"]["documents_in"],
         "documents_out": report["totals"]["documents_out"],
-        "job": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        "job": job_digest(identity),
     }
     _write_json(partial / MANIFEST, manifest)
     os.replace(partial, out)

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ def prepare(
     txt_split: str = "file",
     skip_bad_records: bool = False,
     progress: bool | None = None,
+    attach: Sequence[Path] = (),
 ) -> dict:
-    """Tokenize ``inputs`` into a cache at ``output``; returns the manifest."""
+    """Tokenize ``inputs`` into a cache at ``output``; returns the manifest. The ``attach``
+    files (``prepare --clean``'s report and manifest) are copied into the cache."""
     from tqdm.auto import tqdm
 
     files = expand_paths(inputs, "--input")
@@ -132,6 +135,10 @@ def prepare(
         "inputs": source.identity(),
         "seconds": round(elapsed, 3),
     }
+    for f in attach:
+        import shutil
+
+        shutil.copy2(f, tmp / Path(f).name)
     (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     tmp.rename(out)
     manifest["tokens_per_sec"] = n_tokens / max(elapsed, 1e-9)

@@ -321,13 +321,13 @@ def resolve_sources(
             field_ = src.get("text_field", cfg.text_field)
             files = src["files"] if isinstance(src["files"], list) else [src["files"]]
             what = f"sources[{i}] ({src['name']}).files"
-            train.append(
-                SourceSpec(
-                    src["name"],
-                    _file_or_cache_source(expand_paths(files, what, out), field_, cfg),
-                    float(src.get("weight", 1.0)),
-                )
-            )
+            if src.get("clean"):  # cleaned once (qwen_cpt.clean), then its shards are read
+                from ..clean import clean_source
+
+                source = FileSource(clean_source(src, i, cfg), "text", "file", False)
+            else:
+                source = _file_or_cache_source(expand_paths(files, what, out), field_, cfg)
+            train.append(SourceSpec(src["name"], source, float(src.get("weight", 1.0))))
             if src.get("eval_files"):
                 ef = (
                     src["eval_files"]

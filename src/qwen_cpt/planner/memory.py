@@ -149,6 +149,74 @@ def logits_bytes(
     return per_elem * vocab_size * (min(tokens, chunk_size) + hidden_size)
 
 
+# the decoder's linear layers, as LoRA's all-linear finds them: (name, in, out) per layer
+def _linears(shape: ModelShape) -> list[tuple[str, int, int]]:
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return [
+        ("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+        ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LeanMode:
+    """What trains in a lean run: LoRA (``lora_r > 0``) or freeze-tuning (``freeze_layers``),
+    with or without the embeddings and head (``train_embeddings``)."""
+
+    lora_r: int = 0
+    lora_modules: tuple[str, ...] = ("all-linear",)
+    dora: bool = False
+    freeze_layers: int = 0
+    train_embeddings: bool = True
+
+    def adapter_params(self, shape: ModelShape) -> tuple[int, int]:
+        """``(LoRA matrix parameters, DoRA magnitude parameters)`` of the whole decoder."""
+        if not self.lora_r:
+            return 0, 0
+        every = "all-linear" in self.lora_modules
+        chosen = [(i, o) for n, i, o in _linears(shape) if every or n in self.lora_modules]
+        lora = shape.num_layers * self.lora_r * sum(i + o for i, o in chosen)
+        return lora, (shape.num_layers * sum(o for _, o in chosen) if self.dora else 0)
+
+    def trainable(self, shape: ModelShape, p: ParamCounts) -> tuple[int, int]:
+        """``(trainable parameters, of which 2-D hidden matrices)``, a tied table once."""
+        tables = (p.embedding + p.lm_head) if self.train_embeddings else 0
+        if self.lora_r:
+            lora, magnitude = self.adapter_params(shape)
+            return lora + magnitude + tables, lora
+        k = min(self.freeze_layers, shape.num_layers)
+        matrices = k * (p.matrices // shape.num_layers)
+        return k * p.per_layer + shape.hidden_size + tables, matrices
+
+    def describe(self) -> str:
+        what = (
+            f"{'DoRA' if self.dora else 'LoRA'} r={self.lora_r} on {', '.join(self.lora_modules)}"
+            if self.lora_r
+            else f"freeze-tuning: the last {self.freeze_layers} layers"
+        )
+        return what + (", embeddings and head trained" if self.train_embeddings else "")
+
+
+def lean_compute_factor(shape: ModelShape, p: ParamCounts, lean: LeanMode | None) -> float:
+    """Training FLOPs of a lean run over a full one's (6 per weight and token): a frozen matmul
+    skips its weight gradient (4 of 6), and with freeze-tuning without trained embeddings the
+    layers below the trained ones need no backward at all (2 of 6). Adapters add little."""
+    if lean is None:
+        return 1.0
+    head = shape.vocab_size * shape.hidden_size
+    body = p.non_embedding
+    head_cost = 6.0 if lean.train_embeddings else 4.0
+    if lean.lora_r:
+        lora, _ = lean.adapter_params(shape)
+        return (4.0 * body + head_cost * head + 6.0 * lora) / (6.0 * (body + head))
+    k = min(lean.freeze_layers, shape.num_layers)
+    trained = k * p.per_layer
+    below = body - trained
+    below_cost = 4.0 if lean.train_embeddings else 2.0
+    return (below_cost * below + 6.0 * trained + head_cost * head) / (6.0 * (body + head))
+
+
 def estimate_memory(
     shape: ModelShape,
     *,
@@ -169,6 +237,7 @@ def estimate_memory(
     param_counts: ParamCounts | None = None,
     cpu_offload: bool = False,
     sync_every_micro_batch: bool = False,
+    lean: LeanMode | None = None,
 ) -> MemoryEstimate:
     """Estimate peak memory per device of one training step of this trainer.
 
@@ -200,6 +269,11 @@ def estimate_memory(
     ``sync_every_micro_batch`` (``fsdp_sync_every_micro_batch``). ``cpu_offload``
     (``fsdp_cpu_offload``): weights, gradients and optimizer state live in CPU memory and are
     not counted; the device holds the unsharded working set of about two blocks.
+    ``lean`` (LoRA or freeze-tuning, one process): every weight is held in fp32 (4 B/param,
+    adapters included), gradients and optimizer state only for what trains; autocast caches a
+    bf16 copy only of weights that require grad (frozen ones are cast per use: one transient
+    largest matrix); the embedding's and head's gradients exist only when they train; with
+    freeze-tuning and frozen embeddings only the trained layers keep activations.
     """
     _positive(micro_batch=micro_batch, seq_len=seq_len, world_size=world_size)
     if optimizer not in ("adamw", "muon"):
@@ -248,6 +322,14 @@ def estimate_memory(
         and gradient_accumulation_steps > 1
         and not (cpu_offload or sync_every_micro_batch)
     )
+    if lean is not None:
+        return _lean_memory(
+            shape, p, lean, tokens=tokens, seq_len=seq_len, accum=gradient_accumulation_steps,
+            optimizer=optimizer, act=act, adamw_impl=adamw_impl, bf16=bf16, cuda=cuda,
+            chunked_loss=chunked_loss, loss_chunk_size=loss_chunk_size, capacity=capacity_bytes,
+            activation_note=f"{_CKPT_NAMES[checkpointing]} checkpointing, {micro_batch} x "
+            f"{seq_len} tokens, {'bf16' if bf16 else 'fp32'}{mask_note}",
+        )  # fmt: skip
     components = {
         "weights": on_device * 4.0 * p.total / shards,
         "grads": on_device * 4.0 * p.total / shards + (4.0 * p.total if unsharded_grads else 0),
@@ -335,6 +417,111 @@ def estimate_memory(
 _CKPT_NAMES = {"none": "no", "full": "full", "selective": "selective"}
 
 
+def _lean_memory(
+    shape,
+    p,
+    lean: LeanMode,
+    *,
+    tokens,
+    seq_len,
+    accum,
+    optimizer,
+    act,
+    adamw_impl,
+    bf16,
+    cuda,
+    chunked_loss,
+    loss_chunk_size,
+    capacity,
+    activation_note,
+):
+    """:func:`estimate_memory` for a LoRA or freeze-tuning run (see its docstring)."""  # fmt: skip
+    lora, magnitude = lean.adapter_params(shape)
+    trainable, matrices = lean.trainable(shape, p)
+    table = shape.vocab_size * shape.hidden_size
+    opt = 8.0 * trainable if optimizer == "adamw" else 4.0 * matrices + 8.0 * (trainable - matrices)
+    largest_trained = lean.lora_r * max(i + o for _, i, o in _linears(shape)) if lean.lora_r else 0
+    if lean.freeze_layers:
+        largest_trained = p.largest_matrix
+    step_temp = {"fused": 0.0, "foreach": 4.0 * trainable, "single": 8.0 * p.largest_matrix}[
+        adamw_impl
+    ]
+    if optimizer == "muon":
+        step_temp += 10.0 * largest_trained
+    copies = 0.0
+    if bf16 and cuda:  # cached copies of trained matmul weights, one transient frozen one
+        trained_matmul = matrices + (table if lean.train_embeddings else 0)
+        copies = 2.0 * (trained_matmul + p.largest_matrix)
+    if lean.freeze_layers and not lean.train_embeddings:
+        act *= min(lean.freeze_layers, shape.num_layers) / shape.num_layers
+    logits = logits_bytes(
+        shape.vocab_size, shape.hidden_size, tokens, chunked_loss, loss_chunk_size, bf16
+    )
+    if chunked_loss and not lean.train_embeddings:  # no fp32 gradient of the head
+        logits -= (6.0 if bf16 else 4.0) * shape.vocab_size * shape.hidden_size
+    components = {
+        "weights": 4.0 * (p.total + lora + magnitude),
+        "grads": 4.0 * trainable,
+        "optimizer": opt,
+        "optimizer_step_temp": step_temp,
+        "weight_copies": copies,
+        "activations": act,
+        "logits": logits,
+        "loss_workspace": 0.0,
+        "embedding_grad": 4.0 * table * (int(shape.tie_word_embeddings) + int(accum > 1))
+        if lean.train_embeddings
+        else 0.0,
+        "overhead": CUDA_OVERHEAD_BYTES if cuda else 0.0,
+    }
+    if chunked_loss and not cuda:
+        workspace = 4.0 * shape.vocab_size * min(tokens, loss_chunk_size)
+        components["loss_workspace"] = workspace
+        components["logits"] -= workspace
+    what = lean.describe()
+    notes = {
+        "weights": f"fp32 weights, 4 B/param, frozen base and adapters ({what})",
+        "grads": f"fp32 gradients of the {trainable:,} trained parameters",
+        "optimizer": ("AdamW: 8 B" if optimizer == "adamw" else "Muon 4 B on matrices, AdamW 8 B")
+        + " per trained parameter",
+        "optimizer_step_temp": "fused AdamW: none"
+        if adamw_impl == "fused"
+        else adamw_impl
+        + ("; Newton-Schulz on the largest trained matrix" if optimizer == "muon" else ""),
+        "weight_copies": "bf16 copies of trained matmul weights + one frozen matrix"
+        if copies
+        else "none (fp32 or CPU)",
+        "activations": activation_note
+        + (", trained layers only" if lean.freeze_layers and not lean.train_embeddings else ""),
+        "logits": "fused chunked loss" + ("" if lean.train_embeddings else ", frozen head")
+        if chunked_loss
+        else f"full logits, {tokens} tokens x {shape.vocab_size} x 12 B",
+        "loss_workspace": "the fused loss's chunk buffer, kept between steps on CPU"
+        if chunked_loss and not cuda
+        else "none",
+        "embedding_grad": "the embedding's gradient at the end of backward"
+        if lean.train_embeddings
+        else "none (frozen embeddings)",
+        "overhead": "CUDA context and workspaces" if cuda else "none (CPU)",
+    }
+    return MemoryEstimate(components, notes, capacity, grads_held_in_forward=accum > 1)
+
+
+def lean_mode_of(cfg) -> LeanMode | None:
+    """The :class:`LeanMode` of a config (None: full training)."""
+    if getattr(cfg, "use_lora", False):
+        return LeanMode(
+            lora_r=cfg.lora_r,
+            lora_modules=tuple(cfg.lora_target_modules),
+            dora=cfg.use_dora,
+            train_embeddings=cfg.lora_train_embeddings,
+        )
+    if getattr(cfg, "freeze_trainable_layers", 0):
+        return LeanMode(
+            freeze_layers=cfg.freeze_trainable_layers, train_embeddings=cfg.lora_train_embeddings
+        )
+    return None
+
+
 def max_micro_batch(fits_with: Any, upper: int) -> int:
     """Largest micro-batch in ``[1, upper]`` for which ``fits_with(micro)`` holds (at least 1).
 
@@ -386,6 +573,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         param_counts=p,
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
         sync_every_micro_batch=sync,
+        lean=lean_mode_of(cfg),
     )
 
 

@@ -10,7 +10,15 @@ from .auto import _choose_batch, _global_batch_tokens, _trained_tokens
 from .base import AUTO, GiB, _positive
 from .flops import deepseek_flops_per_token, flops_per_token
 from .hardware import DEFAULT_MFU, GPU, GPUS, estimate_seconds
-from .memory import USABLE_FRACTION, _chunkable, _dense_mask_attention, _memory_for, max_micro_batch
+from .memory import (
+    USABLE_FRACTION,
+    _chunkable,
+    _dense_mask_attention,
+    _memory_for,
+    lean_compute_factor,
+    lean_mode_of,
+    max_micro_batch,
+)
 from .rules import (
     SPEC_LR_TABLE,
     batch_deepseek,
@@ -138,7 +146,7 @@ def _suggestions(cfg, shape, p, micro, accum, world, device, capacity) -> list[s
         change = "use_muon_optimizer: true (4 B/param less on hidden matrices)"
         if apply(change, cfg=cfg_with(use_muon_optimizer=True)):
             return out
-    for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+    for n in () if lean_mode_of(cfg) else (2, 4, 8, 16, 32, 64, 128, 256, 512):
         if n > state["world"] and peak(world=n) <= limit:
             apply(f"--gpus {n} (FSDP sharding)", world=n)
             return out
@@ -147,6 +155,62 @@ def _suggestions(cfg, shape, p, micro, accum, world, device, capacity) -> list[s
         "with more memory"
     )
     return out
+
+
+def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dict[str, Any]]:
+    """The modes that fit one device when full training does not, most faithful first.
+
+    1. ``fsdp_cpu_offload``: full training, weights, gradients and optimizer state in host RAM;
+       exact, but the host-device copies and the CPU optimizer step make it several times
+       slower (not measured yet, so no speed is given);
+    2. freeze-tuning with the most trained layers that fit (a subset of full training);
+    3. LoRA at ``lora_r`` with the embeddings and head trained (Unsloth's CPT recipe), then
+       without them (adapters only: least memory, least like full CPT).
+    Each with its peak, its FLOPs over full training's and the flags to set. One process only:
+    the lean modes do not run under torchrun in this version.
+    """
+    import dataclasses
+
+    limit = USABLE_FRACTION * capacity
+    base = dataclasses.replace(cfg, use_lora=False, use_dora=False, freeze_trainable_layers=0)
+
+    def mode(name: str, flags: dict, view) -> dict[str, Any]:
+        mem = _memory_for(view, shape, p, micro, 1, "cuda", capacity, accum)
+        factor = lean_compute_factor(shape, p, lean_mode_of(view))
+        return {
+            "mode": name,
+            "flags": flags,
+            "peak_gib": mem.peak / GiB,
+            "fits": mem.peak <= limit,
+            "compute_vs_full": factor,
+            "hours": None if flags.get("fsdp_cpu_offload") else seconds * factor / gpus / 3600,
+        }
+
+    out = []
+    if gpus == 1:
+        out.append(mode("full training, CPU offload", {"fsdp_cpu_offload": True},
+                        dataclasses.replace(base, fsdp_cpu_offload=True)))  # fmt: skip
+    layers = [
+        k for k in range(shape.num_layers - 1, 0, -1)
+        if _memory_for(dataclasses.replace(base, freeze_trainable_layers=k), shape, p, micro, 1,
+                       "cuda", capacity, accum).peak <= limit
+    ]  # fmt: skip
+    if layers:
+        k = layers[0]
+        out.append(mode(f"freeze-tuning, last {k} of {shape.num_layers} layers",
+                        {"freeze_trainable_layers": k},
+                        dataclasses.replace(base, freeze_trainable_layers=k)))  # fmt: skip
+    for emb in (True, False):
+        view = dataclasses.replace(base, use_lora=True, lora_train_embeddings=emb)
+        out.append(
+            mode(
+                f"LoRA r={cfg.lora_r}"
+                + (", embeddings and head trained" if emb else ", adapters only"),
+                {"use_lora": True, "lora_r": cfg.lora_r, "lora_train_embeddings": emb},
+                view,
+            )
+        )
+    return [m for m in out if m["fits"]]
 
 
 def make_plan(
@@ -182,7 +246,9 @@ def make_plan(
     )
     total, warmup = _steps(cfg, n_tokens, micro, accum, gpus)
     mem = _memory_for(cfg, shape, p, micro, gpus, "cuda", capacity, accum)
-    seconds = estimate_seconds(trained, fpt, gpus, gpu.peak_tflops, mfu)
+    lean = lean_mode_of(cfg)
+    full_seconds = estimate_seconds(trained, fpt, gpus, gpu.peak_tflops, mfu)
+    seconds = full_seconds * lean_compute_factor(shape, p, lean)
     impl = getattr(cfg, "attention_implementation", "auto")
     if _dense_mask_attention(cfg, "cuda"):
         attention_note = "memory assumes SDPA with the packed block-causal mask"
@@ -265,6 +331,10 @@ def make_plan(
             "suggestions": []
             if mem.fits
             else _suggestions(cfg, shape, p, micro, accum, gpus, "cuda", capacity),
+            "lean_mode": lean.describe() if lean else None,
+            "modes_that_fit": []
+            if mem.fits or lean or gpus > 1
+            else lean_modes(cfg, shape, p, micro, accum, gpus, capacity, full_seconds * gpus),
         },
         time={
             "seconds": seconds,
@@ -332,9 +402,24 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {name:<20} {gib:8.2f} GiB  {mem['component_notes'][name]}")
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     lines.append(f"  {'peak':<20} {mem['peak_gib']:8.2f} GiB  -> {verdict}: {mem['peak_formula']}")
+    if mem.get("lean_mode"):
+        lines.append(f"  {'mode':<20} {mem['lean_mode']}")
     if mem["suggestions"]:
         lines.append("  to fit, change:")
         lines.extend(f"    - {s}" for s in mem["suggestions"])
+    if mem.get("modes_that_fit"):
+        lines.append("  modes that fit this one device, most faithful to full training first:")
+        for m in mem["modes_that_fit"]:
+            flags = ", ".join(f"{k}: {str(v).lower()}" for k, v in m["flags"].items())
+            speed = (
+                "several times slower (host copies and CPU optimizer step; not measured)"
+                if m["hours"] is None
+                else f"{m['compute_vs_full']:.0%} of full training's FLOPs, about "
+                f"{m['hours']:.3g} h"
+            )
+            lines.append(f"    - {m['mode']}: peak {m['peak_gib']:.1f} GiB, {speed}; set {flags}")
+    elif mem["fits"] is False and mem.get("lean_mode") is None and plan.batch["devices"] == 1:
+        lines.append("  no lean mode fits this device either (see docs: one GPU)")
     lines += [
         "",
         f"time       {t['hours']:.3g} h at MFU {t['mfu']:g} of {t['gpu_peak_tflops']:g} TFLOP/s "

@@ -19,11 +19,13 @@ from ..metrics import describe, member
 from .charts import COLORS, Axis, Chart
 from .read import (
     EVAL_KEY,
+    GENERAL_SETS,
     Run,
     config_value,
     duration,
     ema,
     eval_changes,
+    eval_role,
     fmt,
     human,
     is_num,
@@ -157,10 +159,12 @@ SETUP: list[Column] = [
 
 
 _FORGETTING = [_col("eval set", num=False)] + [_col(t) for t in ("before", "after", "change")]
-_FORGETTING += [_col("change %"), _col("verdict", num=False)]
+_FORGETTING += [_col("change %"), _col("± noise (2σ)", "eval_loss_se"), _col("verdict", num=False)]
 _FORGETTING += [_col("perplexity before → after", "eval_ppl"), _col("best eval loss")]
 _FORGETTING += [_col("perplexity at best", "eval_ppl")]
-_VERDICTS = dict(worse="▲ worse", better="▼ better", same="unchanged", single="one eval only")
+_VERDICTS = dict(
+    worse="▲ worse", better="▼ better", same="same within noise", single="one eval only"
+)
 
 
 def _forgetting(runs: list[Run]) -> list[dict[str, Any]]:
@@ -175,8 +179,9 @@ def _forgetting(runs: list[Run]) -> list[dict[str, Any]]:
             else:
                 pct = NONE if c.pct is None else f"{c.pct:+.2f}%"
                 cells += [_loss_at(c.after, c.after_step), f"{c.delta:+.4f}", pct]
-            v = "single" if c.single else "worse" if c.worse else "better" if c.delta else "same"
+            v = c.verdict
             cells += [
+                NONE if c.noise is None else _cell(f"{c.noise:.4f}", metric=c.se_key),
                 _cell(_VERDICTS[v], cls=f"verdict-{v}"),
                 _cell(ppl, metric=c.ppl_key) if ppl else NONE,
                 *_best_of(run, c.key, c.ppl_key),
@@ -229,6 +234,73 @@ def _downstream(runs: list[Run]) -> list[dict[str, Any]]:
         )
         out.append({"run": i, "table": _table(_SCORES, rows) if rows else None, "worse": worse})
     return out if any(d["table"] for d in out) else []
+
+
+_ANSWER = _text_cols("what", "measures") + [_col("before → after"), _col("change")]
+_ANSWER += [_col("± noise (2σ)"), _col("verdict", num=False), _col("perplexity before → after")]
+_ROLE_ORDER = {"domain": 0, "replayed source": 1, "eval set": 2, "general": 3, "all eval data": 4}
+
+
+def _answer(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per run, the report's first answer: what the domain gained and what general ability
+    changed, one row per eval set (domain first) and per downstream score, each with a verdict by
+    its noise rule; plus a sentence of the setup the run really used and its achieved data mix."""
+    out = []
+    for i, run in enumerate(runs):
+        rows, said = [], []
+        changes = sorted(eval_changes(run), key=lambda c: _ROLE_ORDER[eval_role(run, c)])
+        for c in changes:
+            role = eval_role(run, c)
+            ppl = f"{fmt(c.ppl_key, c.ppl[0])} → {fmt(c.ppl_key, c.ppl[1])}" if c.ppl else NONE
+            change = NONE if c.single else f"{c.delta:+.4f}"
+            cells = [
+                _cell(f"{_set_name(c)} loss", metric=c.key), role,
+                f"{c.before:.4f} → {c.after:.4f}" if not c.single else f"{c.before:.4f}",
+                change, NONE if c.noise is None else _cell(f"{c.noise:.4f}", metric=c.se_key),
+                _cell(_VERDICTS[c.verdict], cls=f"verdict-{c.verdict}"), ppl,
+            ]  # fmt: skip
+            rows.append((cells, "worse" if c.worse else ""))
+            if not c.single:
+                said.append(f"{role} ({_set_name(c)}) loss {_WORDS[c.verdict]}")
+        for c in score_changes(run):
+            cells = [
+                _cell(f"{c.task} {c.metric}", metric=c.key), "downstream task",
+                f"{_score(c.before)} → {_score(c.after)}" if not c.single else _score(c.before),
+                NONE if c.single else _score(c.delta, "+"),
+                NONE if c.noise is None else _score(c.noise),
+                _cell(_SCORE_VERDICTS[c.verdict], cls=f"verdict-{c.verdict}"), NONE,
+            ]  # fmt: skip
+            rows.append((cells, "worse" if c.verdict == "worse" else ""))
+            if not c.single:
+                said.append(f"{c.task} {c.metric} {_WORDS[c.verdict]}")
+        out.append(
+            {"run": i, "table": _table(_ANSWER, rows) if rows else None,
+             "said": "; ".join(said), "used": _used_sentence(run)}
+        )  # fmt: skip
+    return out
+
+
+def _set_name(c) -> str:
+    """An eval set as a reader knows it: the eval_files/eval_texts set is named so."""
+    return "eval_files" if c.source in GENERAL_SETS else c.source
+
+
+_WORDS = dict(better="better", worse="worse", same="the same within noise", single="")
+
+
+def _used_sentence(run: Run) -> str:
+    """The attention kernel, precision, compile, optimizer split and data mix the run used."""
+    used = {m: v for _, v, m in setup_used(run)}
+    parts = [f"attention {used['attention']}", f"precision {used['precision']}"]
+    parts.append(f"torch.compile {used['torch_compile']}")
+    parts += [text for text, _ in optimizer_split(run)]
+    targets = target_shares(run)
+    mix = [
+        f"{member(k)} {100 * run.values(k)[-1]:.1f}% of tokens (target {100 * targets[member(k)]:.1f}%)"
+        for k in run.keys("data_share/")
+        if run.values(k) and member(k) in targets
+    ]
+    return "; ".join(parts + (["data mix: " + ", ".join(mix)] if mix else []))
 
 
 def _mix(runs: list[Run]) -> dict[str, Any] | None:
@@ -318,6 +390,7 @@ def render_html(runs: list[Run], charts: list[Chart], chart_files: dict[str, str
         charts={c.key: c for c in charts},
         files=chart_files,
         summary=_per_run(runs, SUMMARY),
+        answer=_answer(runs),
         forgetting=_forgetting(runs),
         downstream=_downstream(runs),
         mix=_mix(runs),

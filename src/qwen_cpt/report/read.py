@@ -282,9 +282,16 @@ def config_value(v: Any) -> str:
 # --- derived facts -------------------------------------------------------------------------------
 
 
+GENERAL_SETS = ("eval", "eval_files")  # the eval set of eval_files/eval_texts (qwen_cpt.evaluate)
+
+
 @dataclass
 class EvalChange:
-    """One eval set's loss (and perplexity, when logged) at its first and its last eval."""
+    """One eval set's loss (and perplexity, when logged) at its first and its last eval, with a
+    verdict: ``better``, ``worse``, ``same`` (within noise: the change is at most twice the
+    standard error of the difference, from the ``eval_loss_se`` the evaluator logs: the standard
+    error over eval batches at each eval, combined as if independent, which overstates the noise
+    of a paired comparison; without it, an exact tie) or ``single`` (one eval only)."""
 
     key: str
     before: float
@@ -292,30 +299,59 @@ class EvalChange:
     after: float
     after_step: int
     ppl: tuple[float, float] | None = None
+    noise: float | None = None  # 2 x sqrt(se_before^2 + se_after^2)
 
     def __post_init__(self):
         self.source = "all eval data" if self.key == EVAL_KEY else member(self.key)
         self.ppl_key = self.key.replace("eval_loss", "eval_ppl", 1)
+        self.se_key = self.key.replace("eval_loss", "eval_loss_se", 1)
         self.delta = self.after - self.before
         self.pct = 100 * self.delta / self.before if self.before else None
         self.single = self.before_step == self.after_step
         # worse: moved the way the registry says is bad (smaller is better for a loss)
-        better = getattr(describe(self.key), "smaller_is_better", True)
-        self.worse = (
-            not self.single and self.delta != 0 and (self.delta > 0) == (better is not False)
-        )
+        smaller = getattr(describe(self.key), "smaller_is_better", True) is not False
+        if self.single:
+            self.verdict = "single"
+        elif self.delta == 0 or (self.noise is not None and abs(self.delta) <= self.noise):
+            self.verdict = "same"
+        else:
+            self.verdict = "worse" if (self.delta > 0) == smaller else "better"
+        self.worse = self.verdict == "worse"
 
 
 def eval_changes(run: Run) -> list[EvalChange]:
-    """Per eval set (``eval_loss`` first, then each source): its first and its last eval."""
+    """Per eval set (``eval_loss`` first, then each source): its first and its last eval.
+    ``eval_loss`` is left out when it is the ``eval_files`` set, also logged by name."""
     out = []
-    for key in run.eval_keys():
+    keys = run.eval_keys()
+    if any(f"{EVAL_KEY}/{g}" in keys for g in GENERAL_SETS):
+        keys = [k for k in keys if k != EVAL_KEY]
+    for key in keys:
         steps, values = run.series(key, "eval")
         if steps:
             ppl = dict(zip(*run.series(key.replace("eval_loss", "eval_ppl", 1), "eval")))
             pair = (ppl[steps[0]], ppl[steps[-1]]) if steps[0] in ppl and steps[-1] in ppl else None
-            out.append(EvalChange(key, values[0], steps[0], values[-1], steps[-1], pair))
+            se = dict(zip(*run.series(key.replace("eval_loss", "eval_loss_se", 1), "eval")))
+            noise = None
+            if steps[0] in se and steps[-1] in se:
+                noise = 2 * math.sqrt(se[steps[0]] ** 2 + se[steps[-1]] ** 2)
+            out.append(EvalChange(key, values[0], steps[0], values[-1], steps[-1], pair, noise))
     return out
+
+
+def eval_role(run: Run, change: EvalChange) -> str:
+    """What an eval set measures: ``domain`` (held-out text of the training source with the
+    largest share), ``replayed source`` (of another training source), ``general`` (eval data no
+    source trains on: eval_files or eval_texts), or ``all eval data``."""
+    shares = target_shares(run)
+    name = member(change.key)
+    if change.key == EVAL_KEY:
+        return "general" if shares and not run.keys(EVAL_KEY + "/") else "all eval data"
+    if name in GENERAL_SETS:
+        return "general"
+    if name in shares:
+        return "domain" if shares[name] == max(shares.values()) else "replayed source"
+    return "eval set"
 
 
 def runtime(run: Run) -> tuple[float | None, str]:

@@ -1,0 +1,171 @@
+"""Lean modes for one GPU: LoRA / DoRA adapters (through PEFT) and freeze-tuning.
+
+Both train a part of the model and freeze the rest:
+
+- **LoRA / DoRA** (``use_lora``, ``use_dora``): PEFT injects adapters into the HF model in place,
+  so the trainer, the loss and the kernels keep using the same model object; the
+  :class:`peft.PeftModel` wrapper is kept aside (:func:`peft_wrapper`) for the adapter files.
+  ``lora_train_embeddings`` trains ``embed_tokens`` and ``lm_head`` themselves (no PEFT copy,
+  so a tied pair stays one tensor and is trained once), as CPT on new text needs.
+- **Freeze-tuning** (``freeze_trainable_layers: k``): the last k decoder layers and the final
+  norm train, everything else is frozen (LLaMA-Factory's ``freeze``).
+
+Saves (docs/design.md, "LoRA and freeze-tuning"): a ``checkpoint-<step>/`` holds only the
+trainable tensors and their optimizer state (the frozen rest is ``model_name_or_path``, loaded
+again on resume); ``final/`` and ``best/`` hold the merged full model as a plain HF folder and,
+with LoRA, the PEFT adapter in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger("qwen_cpt")
+
+ADAPTER_DIR = "adapter"  # final/adapter/: a PEFT adapter (a subfolder, so that from_pretrained
+# of final/ reads the merged model, not the adapter: transformers loads an adapter_config.json
+# it finds in the folder itself)
+_WRAPPERS: dict[int, object] = {}  # id(HF model) -> its PeftModel
+
+
+def lean_mode(cfg) -> str | None:
+    """``"lora"``, ``"dora"``, ``"freeze"`` or None (full training)."""
+    if cfg.use_lora:
+        return "dora" if cfg.use_dora else "lora"
+    return "freeze" if cfg.freeze_trainable_layers else None
+
+
+def check_world(cfg, world) -> None:
+    """Refuse a lean mode under FSDP2 (torchrun): not implemented, and never silently wrong."""
+    mode = lean_mode(cfg)
+    if mode and world.sharded:
+        field = "use_lora" if cfg.use_lora else "freeze_trainable_layers"
+        raise ConfigError(
+            [
+                f"{field}: runs on one process only in this version, not under torchrun "
+                f"(FSDP2, {world.size} ranks); launch it without torchrun on one GPU"
+            ]
+        )
+
+
+def apply_lean_mode(model, cfg):
+    """Freeze what does not train and add the adapters; return the same (HF) model object."""
+    mode = lean_mode(cfg)
+    if mode is None:
+        return model
+    if mode in ("lora", "dora"):
+        _add_lora(model, cfg)
+    else:
+        _freeze_all_but_last(model, cfg.freeze_trainable_layers)
+    if cfg.lora_train_embeddings:
+        for p in _table_params(model):
+            p.requires_grad_(True)
+    trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    log.info(
+        "%s: training %s of %s parameters (%.2f%%)%s",
+        {"lora": "LoRA", "dora": "DoRA", "freeze": "freeze-tuning"}[mode],
+        f"{sum(trainable.values()):,}", f"{total:,}", 100 * sum(trainable.values()) / total,
+        ", embeddings and head included" if cfg.lora_train_embeddings else "",
+    )  # fmt: skip
+    return model
+
+
+def _table_params(model) -> list[torch.nn.Parameter]:
+    params = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not params[0]:
+        params.append(head.weight)
+    return params
+
+
+def _add_lora(model, cfg) -> None:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # a dependency; only a broken install lacks it
+        raise ConfigError([f"use_lora: needs peft (pip install peft): {exc}"]) from None
+    targets = cfg.lora_target_modules
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        wrapper = get_peft_model(model, config)
+    except ValueError as exc:  # PEFT's "Target modules ... not found"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError([f"lora_target_modules: {first}"]) from None
+    _WRAPPERS[id(model)] = wrapper
+    # PEFT's wrapper moves nothing; the base model now holds the adapters (all-linear skips the
+    # LM head, and lora_target_modules may not name it)
+
+
+def _freeze_all_but_last(model, k: int) -> None:
+    from .perf import decoder_layers
+
+    layers = decoder_layers(model, "freeze_trainable_layers")
+    if k > len(layers):
+        raise ConfigError(
+            [f"freeze_trainable_layers: {k} is more than the model's {len(layers)} layers"]
+        )
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - k :]:
+        layer.requires_grad_(True)
+    base = getattr(model, model.base_model_prefix)
+    norm = getattr(base, "norm", None)
+    if isinstance(norm, torch.nn.Module):
+        norm.requires_grad_(True)
+
+
+def peft_wrapper(model):
+    """The :class:`peft.PeftModel` around ``model`` (None without LoRA)."""
+    return _WRAPPERS.get(id(model))
+
+
+def is_partial(model) -> bool:
+    """Whether some parameters are frozen: checkpoints then hold the trainable ones only."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def trainable_names(model) -> set[str]:
+    """State-dict names of the trainable parameters (both names of a tied one)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter merged in, on the CPU; ``model`` is not
+    changed (best/ is saved mid-run). Each adapted layer is copied and merged by PEFT itself
+    (``merge()``: LoRA's ``W + s*B@A``, DoRA's magnitude-scaled form), one layer at a time."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        merged = copy.deepcopy(module)
+        merged.merge(safe_merge=True)
+        base = merged.get_base_layer()
+        for key in [k for k in weights if k.startswith(f"{name}.")]:
+            del weights[key]
+        for pname, p in base.named_parameters(recurse=False):
+            weights[f"{name}.{pname}"] = p.detach().cpu()
+        del merged
+    return weights
+
+
+def save_adapter(folder: Path, model, train_embeddings: bool) -> None:
+    """The PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``; with
+    ``train_embeddings`` also the trained embeddings and head) into ``folder``."""
+    wrapper = peft_wrapper(model)
+    wrapper.save_pretrained(str(folder), save_embedding_layers=train_embeddings)
