@@ -71,6 +71,15 @@ class Run:
     def total(self) -> int:
         return self.schedule.shape["total_steps"]
 
+    @functools.cached_property
+    def cleaned_data(self) -> dict[str, dict]:
+        """``{source: its qwen-cpt clean output}`` for the sources that read one (see
+        :func:`qwen_cpt.clean.cleaned_inputs`), read once: logged, and saved with each
+        checkpoint's state."""
+        from .clean import cleaned_inputs
+
+        return cleaned_inputs({name: s.source for name, s in self.data.streams.items()})
+
 
 def open_data(cfg: CPTConfig, train_specs, eval_specs):
     """``(tokenizer, training mixture, eval sets, training blocks per epoch)``; the data is read
@@ -307,7 +316,7 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
         "model: %s (%s parameters, %s non-embedding) on %s, %s", cfg.model_name_or_path,
         f"{total_params:,}", f"{non_emb:,}", rt.device, precision,
     )  # fmt: skip
-    for name, c in cleaned_data(data).items():
+    for name, c in run.cleaned_data.items():
         log.info(
             "data: %s reads the cleaned output %s (clean job %s, options %s; %s of %s documents "
             "kept; report %s)", name, c["clean_output"], c["job"], c["options_digest"],
@@ -322,14 +331,6 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size,
         cfg.max_length,
     )  # fmt: skip
-
-
-def cleaned_data(data) -> dict[str, dict]:
-    """``{source: its qwen-cpt clean output}`` for the sources that read one (see
-    :func:`qwen_cpt.clean.cleaned_inputs`); empty for the others."""
-    from .clean import cleaned_inputs
-
-    return cleaned_inputs({name: s.source for name, s in data.streams.items()})
 
 
 def resolved_setup(run: Run) -> dict:

@@ -40,7 +40,6 @@ from .run import (
     build_run,
     check_texts,
     check_writable,
-    cleaned_data,
     log_done,
     log_setup,
     open_data,
@@ -335,7 +334,7 @@ class CPTTrainer:
             "format": 2, **st.state_dict(), "geometry": resume.geometry(cfg, run.world.size),
             "data_fingerprint": run.data.identity(), "data_identity": run.data.describe_identity(),
             "data_position": run.data.state_dict(), "kernels": run.kernels,
-            "cleaned_data": cleaned_data(run.data),  # which `qwen-cpt clean` output it read
+            "cleaned_data": run.cleaned_data,  # which `qwen-cpt clean` output it read
         }  # fmt: skip
 
         def main_files(tmp: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -108,16 +109,12 @@ def prepare(
                 bar.update(len(piece.text.encode("utf-8")))
         flush()
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         pool.close()
         bar.close()
     if n_docs == 0:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"--input: no documents found in {inputs}")
     elapsed = time.perf_counter() - started
@@ -136,8 +133,6 @@ def prepare(
         "seconds": round(elapsed, 3),
     }
     for f in attach:
-        import shutil
-
         shutil.copy2(f, tmp / Path(f).name)
     (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     tmp.rename(out)
