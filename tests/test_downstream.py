@@ -242,6 +242,25 @@ def test_bad_tasks_are_refused_before_training(tiny_qwen, data, tmp_path, capsys
     assert "--limit: must be >= 1" in capsys.readouterr().err
 
 
+def test_eval_loss_standard_error_is_the_ratio_estimators():
+    """The one-pass sums the evaluator gathers give the two-pass standard error of the mean loss
+    (sum L_i / sum n_i over eval batches), and none for a single batch."""
+    import random
+
+    from qwen_cpt.evaluate import _stderr
+
+    rng = random.Random(0)
+    n_i = [rng.randint(50, 200) for _ in range(7)]
+    l_i = [k * rng.uniform(2.0, 4.0) for k in n_i]
+    total, n = sum(l_i), sum(n_i)
+    m = total / n
+    k = len(n_i)
+    direct = math.sqrt(k / (k - 1) * sum((li - m * ni) ** 2 for li, ni in zip(l_i, n_i))) / n
+    sums = (sum(x * x for x in l_i), sum(x * y for x, y in zip(l_i, n_i)), sum(x * x for x in n_i))
+    assert _stderr(total, n, *sums, k) == pytest.approx(direct, rel=1e-9)
+    assert math.isnan(_stderr(l_i[0], n_i[0], l_i[0] ** 2, l_i[0] * n_i[0], n_i[0] ** 2, 1))
+
+
 def test_forgetting_alarm_warns_once_per_eval_set(tmp_path, caplog):
     alarm = ForgettingAlarm(0.05, tmp_path / "metrics.jsonl")
     start = {"eval_loss": 3.0, "eval_loss/code": 4.0, "eval_loss/eval": 3.0}

@@ -39,24 +39,23 @@ class Evaluator:
         bs, world = self.batch_size, self.world
         mine = world.eval_share(blocks)
         n_batches = math.ceil(math.ceil(len(blocks) / world.size) / bs)
-        total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        n, sq = 0, [0.0, 0.0, 0.0, 0]  # sums of L_i^2, L_i n_i, n_i^2 and the batch count
+        losses, counts = [], []  # per counted batch: its loss sum L_i (on the device) and n_i
         from tqdm.auto import tqdm
 
         shown = sys.stderr.isatty() and world.is_main
         for i in tqdm(range(n_batches), desc="eval", unit="batch", leave=False, disable=not shown):
             part = mine[i * bs : (i + 1) * bs]
-            batch = D.collate(part or blocks[:1])
-            batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+            host = D.collate(part or blocks[:1])
+            batch = {k: v.to(self.runtime.device) for k, v in host.items()}
             with self.runtime.autocast:
                 loss = loss_module(batch)
             if part:
-                total += loss.double()
-                k = D.count_loss_tokens(batch)
-                n += k
-                li = float(loss)
-                sq = [sq[0] + li * li, sq[1] + li * k, sq[2] + k * k, sq[3] + 1]
-        total, n, *sq = world.sum([float(total), n, *sq])
+                losses.append(loss.double())
+                counts.append(D.count_loss_tokens(host))  # counted on the host: no sync
+        li = torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64)
+        ni = torch.tensor(counts, dtype=torch.float64, device=li.device)
+        sums = [li.sum(), ni.sum(), (li * li).sum(), (li * ni).sum(), (ni * ni).sum(), len(counts)]
+        total, n, *sq = world.sum([float(x) for x in sums])  # one sync, after the last batch
         return total, int(n), _stderr(total, n, *sq)
 
     def evaluate(self, loss_module, step: int) -> dict[str, float]:
