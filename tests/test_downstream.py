@@ -196,9 +196,10 @@ def test_downstream_eval_leaves_training_as_it_was(trained, tiny_qwen, data, tmp
     assert len(plain) == 4 and plain == with_tasks
 
 
-def test_every_n_steps_and_on_a_sharded_model(tiny_qwen, tasks, data, tmp_path):
+def test_every_n_steps_and_on_a_sharded_model(tiny_qwen, tasks, data, tmp_path, capfd):
     """downstream_eval_steps adds the steps in between; under FSDP2 (fsdp_cpu_offload shards on
-    a one-process group) rank 0 scores a gathered copy, which matches final/ from disk."""
+    a one-process group) rank 0 scores a gathered copy, which matches final/ from disk. The
+    loop logs one line per evaluation, without lm-eval's progress bars between its lines."""
     out = tmp_path / "sharded"
     cfg = _config(
         tiny_qwen, out, [CODE_TASK], train_files=[data], downstream_eval_steps=2,
@@ -207,6 +208,8 @@ def test_every_n_steps_and_on_a_sharded_model(tiny_qwen, tasks, data, tmp_path):
     CPTTrainer(cfg).train()
     by_step = _downstream(out)
     assert sorted(by_step) == [0, 2, 4]  # a shipped task named, without lm-eval's registry
+    err = capfd.readouterr().err
+    assert "%|" not in err and "Running loglikelihood" not in err, err[-2000:]
     _assert_same(by_step[4], _reference(out / "final", [str(task_path(CODE_TASK))]))
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,12 +141,13 @@ class Downstream:
             log.info("downstream step %d: %s", step, shown)
         return metrics
 
-    def _score(self, model, tokenizer) -> dict[str, float]:
+    def _score(self, model, tokenizer, progress: bool = False) -> dict[str, float]:
         """lm-eval's scores of ``model``, with the caller's random state put back afterwards
-        (``simple_evaluate`` seeds Python, NumPy and torch)."""
+        (``simple_evaluate`` seeds Python, NumPy and torch); lm-eval's progress bars only if
+        ``progress`` (the training loop logs one line per evaluation instead)."""
         lm_eval, HFLM, _ = _lm_eval()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-        with _kept_random_state(), _no_fork(), torch.no_grad():
+        with _kept_random_state(), _no_fork(), _progress_bars(progress), torch.no_grad():
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(self.specs),
@@ -173,7 +175,7 @@ def eval_command(args) -> int:
     tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args.model_dir, runtime, False, torch.float32).eval()
     with torch.random.fork_rng(devices=[]):
-        metrics = tasks._score(model, tokenizer)
+        metrics = tasks._score(model, tokenizer, progress=sys.stderr.isatty())
     for key, v in metrics.items():
         if "_stderr" not in key:
             se = metrics.get(_stderr_key(key))
@@ -220,6 +222,34 @@ def _no_fork():
             os.environ.pop("DISABLE_MULTIPROC", None)
         else:
             os.environ["DISABLE_MULTIPROC"] = before
+
+
+# The lm-eval modules that draw tqdm bars while scoring (building contexts, tokenizing, running
+# requests); most of those bars have no switch of their own.
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """lm-eval's tqdm bars, hidden unless ``shown``: in a log file or a pipe each bar is one
+    screen-wide line per evaluation, between the training log's lines."""
+    if shown:
+        yield
+        return
+    from tqdm import tqdm
+
+    def hidden(*args, **kwargs):
+        kwargs["disable"] = True
+        return tqdm(*args, **kwargs)
+
+    patched = [m for m in map(sys.modules.get, _BAR_MODULES) if getattr(m, "tqdm", None) is tqdm]
+    for module in patched:
+        module.tqdm = hidden
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.tqdm = tqdm
 
 
 @contextlib.contextmanager
