@@ -496,6 +496,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "d.jsonl.zst: not zstd" in err[0], err
     assert not (tmp_path / "o5").exists()
+    # a .parquet that is not parquet: the same, not a pyarrow traceback
+    (src / "d.jsonl.zst").unlink()
+    (src / "e.parquet").write_bytes(b"PAR1 but truncated" * 4)
+    assert main(["clean", "--input", str(src), "--output", str(tmp_path / "o6")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "e.parquet: not a readable parquet file" in err[0], err
+    assert not (tmp_path / "o6").exists()
+
+
+def test_a_job_that_keeps_nothing_fails_and_keeps_its_report(tmp_path, capsys):
+    """Every document removed by the rules is not a success: exit 2 with one line naming the
+    stages, and the output (report included) stays for the user to read."""
+    src = tmp_path / "in"
+    src.mkdir()
+    junk = ["{} {} {}".format(*[str(i)] * 3) + " | ## $$ %% " * 40 for i in range(5)]
+    (src / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in junk), encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    assert main(["clean", "--input", str(src), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "kept none of the 5 documents (removed: quality 5)" in err[0], err
+    assert (out / "clean_report.html").is_file() and (out / "clean_report.json").is_file()
+    assert read_output(out) == []
+    # reusing that output (prepare --clean, a training source) refuses it the same way
+    with pytest.raises(DataError, match="kept none of the 5 documents"):
+        clean([str(src)], out, CleanOptions(), reuse=True)
 
 
 def test_an_output_is_reused_only_for_the_same_job(tmp_path, caplog):

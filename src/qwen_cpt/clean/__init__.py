@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..config import parse_bool
 from .options import CleanOptions, option_help, option_types, options_from
-from .pipeline import clean
+from .pipeline import clean, removed_summary
 from .stages import MANIFEST, REPORT_HTML, REPORT_JSON
 
 log = logging.getLogger("qwen_cpt")
@@ -92,11 +92,7 @@ def add_clean_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
 def run_clean(args: argparse.Namespace) -> int:
     report = clean(args.input, args.output, _options(args))
     t = report["totals"]
-    removed = ", ".join(
-        f"{s['stage']} {s['documents_removed']:,}"
-        for s in report["stages"]
-        if s["documents_removed"]
-    )
+    removed = removed_summary(report)
     print(
         f"cleaned {args.output}: kept {t['documents_out']:,} of {t['documents_in']:,} documents "
         f"({t['bytes_out'] / 1e6:,.1f} of {t['bytes_in'] / 1e6:,.1f} MB) in {t['shards']} shards"

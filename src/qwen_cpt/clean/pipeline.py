@@ -375,7 +375,7 @@ def clean(
                 "or choose another directory)"
             )
         log.info("clean: %s already holds this job's output (job %s)", out, done["job"])
-        return report
+        return _something_kept(report, out)
     job_file = work / "job.json"
     if work.exists():
         try:
@@ -482,6 +482,28 @@ def clean(
     _write_json(partial / MANIFEST, manifest)
     os.replace(partial, out)
     shutil.rmtree(work, ignore_errors=True)
+    return _something_kept(report, out)
+
+
+def removed_summary(report: dict) -> str:
+    """``quality 7, exact_dedup 3``: the documents each stage removed, stages that removed any."""
+    stages = report["stages"]
+    return ", ".join(
+        f"{s['stage']} {s['documents_removed']:,}" for s in stages if s["documents_removed"]
+    )
+
+
+def _something_kept(report: dict, out: Path) -> dict:
+    """``report``, unless the job kept no document: then a DataError saying which stages removed
+    them (a clean that leaves nothing to train on is not a success). The output, its report
+    included, stays for the user to read."""
+    t = report["totals"]
+    if t["documents_out"] == 0:
+        raise DataError(
+            f"clean: kept none of the {t['documents_in']:,} documents (removed: "
+            f"{removed_summary(report) or 'none'}); {out / REPORT_HTML} shows what each rule "
+            "removed; loosen those options, and clean into a new output"
+        )
     return report
 
 

@@ -470,9 +470,17 @@ class FileSource:
                     yield Piece(text, pos)
 
     def _parquet(self, path: Path, k: int, row: int) -> Iterator[Piece]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        def unreadable(exc: Exception, where: str = "") -> DataError:
+            why = " ".join(str(exc).split())
+            return DataError(f"{path}{where}: not a readable parquet file ({why})")
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable(exc) from None
         if self.text_field not in pf.schema_arrow.names:
             raise DataError(f"{path}: parquet file has no column {self.text_field!r}")
         first_row = 0
@@ -481,7 +489,10 @@ class FileSource:
             if first_row + n <= row:
                 first_row += n
                 continue
-            column = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
+            try:
+                column = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
+            except (pa.ArrowException, OSError) as exc:
+                raise unreadable(exc, f": row group {g}") from None
             for i in range(max(0, row - first_row), n):
                 text = column[i]
                 if isinstance(text, str) and text.strip():
