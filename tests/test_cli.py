@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -222,7 +223,9 @@ def test_exit_status_by_error(error, status, monkeypatch, tmp_path, capsys):
 
 
 def test_a_real_ulimit_out_of_memory_is_one_line(tiny_qwen, tmp_path):
-    """Under ``ulimit -v`` (7.6 GiB of address space), a 9.3 GiB loss chunk cannot be had."""
+    """Under ``ulimit -v`` (7.6 GiB of address space), a 9.3 GiB loss chunk cannot be had. Which
+    allocation fails first depends on what the process already mapped (2.3 GiB under
+    pytest-xdist), so the message is checked for a real size, not for one number."""
     import random
 
     from qwen_cpt import CPTConfig
@@ -246,7 +249,10 @@ def test_a_real_ulimit_out_of_memory_is_one_line(tiny_qwen, tmp_path):
     )  # fmt: skip
     assert res.returncode == 1, res.stderr[-3000:]
     line = _one_error_line(res.stderr)
-    assert line.startswith("qwen-cpt: error: out of host memory (an allocation of 9.27 GiB"), line
+    size = re.match(
+        r"qwen-cpt: error: out of host memory \(an allocation of ([\d.]+) GiB failed\)", line
+    )
+    assert size and float(size.group(1)) >= 1.0, line
     assert "Traceback" not in res.stderr
 
 
