@@ -245,7 +245,7 @@ def test_a_real_ulimit_out_of_memory_is_one_line(tiny_qwen, tmp_path):
     ).to_yaml(cfg)  # fmt: skip
     res = subprocess.run(
         ["sh", "-c", f"ulimit -v 8000000 && exec {sys.executable} -m qwen_cpt train {cfg}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 1, res.stderr[-3000:]
     line = _one_error_line(res.stderr)

@@ -404,7 +404,7 @@ def test_plain_script_without_main_guard_trains_with_workers(tmp_path, tiny_qwen
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("TOP-LEVEL-MARKER") == 1, proc.stdout

@@ -64,7 +64,7 @@ def test_a_second_run_refuses_a_busy_output_dir_and_a_dead_runs_lock_is_taken_ov
         text=True,
     )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while not (out / ".tmp-checkpoint-1").is_dir() and time.time() < deadline:
             assert first.poll() is None, first.stdout.read()[-3000:]
             time.sleep(0.05)

@@ -379,7 +379,7 @@ def test_report_renders_in_a_headless_browser(tmp_path):
         ],
         check=True,
         capture_output=True,
-        timeout=60,
+        timeout=300,
     )
     assert_real_png(shot)
 
