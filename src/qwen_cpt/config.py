@@ -25,6 +25,7 @@ from .errors import ConfigError
 
 SCHEDULERS = ("cosine", "constant", "wsd")
 NAN_POLICIES = ("abort", "skip")
+OPTIMIZER_STATES = ("fp32", "8bit")
 ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
 AUTO = "auto"  # learning_rate and the batch fields may be "auto": see qwen_cpt.planner
 
@@ -130,6 +131,12 @@ class CPTConfig:
         "biases. Off by default: for CPT of an AdamW-trained model, Moonlight found it on par.",
     )
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
+    optimizer_states: str = _f(
+        "fp32",
+        "AdamW's two moments: fp32 (8 B/param), or 8bit: bitsandbytes' blockwise 8-bit AdamW "
+        "(Dettmers et al. 2021, arXiv 2110.02861), about 2 B/param, on CPU or CUDA, one process "
+        "(pip install 'qwen-cpt[lean]'). Muon's momentum stays fp32.",
+    )
 
     # --- lean modes: LoRA / DoRA and freeze-tuning (one GPU) --------------------------------------
     use_lora: bool = _f(
@@ -550,6 +557,16 @@ def _lean_mode_errors(cfg: CPTConfig) -> list[str]:
     lr = cfg.embedding_learning_rate
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         errors.append(f"embedding_learning_rate: must be > 0 or None, got {lr}")
+    if cfg.optimizer_states not in OPTIMIZER_STATES:
+        errors.append(
+            f"optimizer_states: must be one of {', '.join(OPTIMIZER_STATES)}, "
+            f"got {cfg.optimizer_states!r}"
+        )
+    elif cfg.optimizer_states != "fp32" and cfg.fsdp_cpu_offload:
+        errors.append(
+            f"optimizer_states: {cfg.optimizer_states} does not run with fsdp_cpu_offload "
+            "(FSDP2 shards; bitsandbytes steps plain tensors); use one or the other"
+        )
     if cfg.freeze_trainable_layers < 0:
         errors.append(f"freeze_trainable_layers: must be >= 0, got {cfg.freeze_trainable_layers}")
     if cfg.use_dora and not cfg.use_lora:

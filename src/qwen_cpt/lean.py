@@ -42,7 +42,20 @@ def lean_mode(cfg) -> str | None:
 
 
 def check_world(cfg, world) -> None:
-    """Refuse a lean mode under FSDP2 (torchrun): not implemented, and never silently wrong."""
+    """Refuse a lean mode or 8-bit optimizer states under FSDP2 (torchrun): not implemented,
+    and never silently wrong. Called before the model is loaded."""
+    if getattr(cfg, "optimizer_states", "fp32") != "fp32" and world.sharded:
+        raise ConfigError(
+            [
+                f"optimizer_states: {cfg.optimizer_states} runs on one process only in this "
+                f"version, not under torchrun (FSDP2, {world.size} ranks: bitsandbytes steps "
+                "plain tensors, not DTensor shards); use fp32 states there"
+            ]
+        )
+    if getattr(cfg, "optimizer_states", "fp32") == "8bit":
+        from .optim import import_bitsandbytes
+
+        import_bitsandbytes()  # installed, or one line now rather than after the model loads
     mode = lean_mode(cfg)
     if mode and world.sharded:
         field = "use_lora" if cfg.use_lora else "freeze_trainable_layers"

@@ -170,13 +170,7 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
         else:
             opts["muon"] = torch.optim.Muon([p for _, p in split.muon], **muon_args)
     if adamw_groups:
-        opts["adamw"] = torch.optim.AdamW(
-            adamw_groups,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            fused=_can_fuse([p for g in adamw_groups for p in g["params"]]),
-        )
+        opts["adamw"] = _adamw(adamw_groups, cfg)
     for opt in opts.values():  # the peak lr; the schedule scales it each step (as torch's do)
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -192,4 +186,51 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
         )
     else:
         log.info("optimizer: AdamW holds all %s parameters", f"{counts['adamw_params']:,}")
+    if "adamw" in opts and getattr(cfg, "optimizer_states", "fp32") == "8bit":
+        log.info(
+            "optimizer: AdamW's moments in 8 bits (bitsandbytes AdamW8bit, blockwise; tensors "
+            "under %s elements keep fp32 moments)",
+            f"{EIGHT_BIT_MIN_SIZE:,}",
+        )
     return optimizers
+
+
+# bitsandbytes' default: smaller tensors (norm gains, biases) keep 32-bit moments, where 8-bit
+# blocks would save little and cost accuracy
+EIGHT_BIT_MIN_SIZE = 4096
+
+
+def _adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """torch's AdamW (fused where it can be), or with ``optimizer_states: 8bit`` bitsandbytes'
+    AdamW8bit: the same update (decoupled decay, bias correction, per-group lr) with each
+    moment kept as 8-bit codes plus one fp32 scale per 256-element block."""
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if getattr(cfg, "optimizer_states", "fp32") == "8bit":
+        bnb = import_bitsandbytes()
+        return bnb.optim.AdamW8bit(groups, min_8bit_size=EIGHT_BIT_MIN_SIZE, **kw)
+    return torch.optim.AdamW(
+        groups, fused=_can_fuse([p for g in groups for p in g["params"]]), **kw
+    )
+
+
+def import_bitsandbytes():
+    """``bitsandbytes``, or a ConfigError naming the field and the install command. Its CPU
+    backend logs a warning at import about an optional 4-bit matmul kernel that this trainer
+    never uses; that one message is kept out of the run's log."""
+    from .errors import ConfigError
+
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ConfigError(
+            [
+                f"optimizer_states: 8bit needs bitsandbytes ({exc}); "
+                "pip install 'qwen-cpt[lean]' (or bitsandbytes>=0.50)"
+            ]
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    return bitsandbytes

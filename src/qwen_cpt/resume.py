@@ -32,14 +32,18 @@ GEOMETRY_FIELDS = (
     "document_aware_packing",
     "seed",
     "use_muon_optimizer",
+    "optimizer_states",
     *(LEAN_FIELDS := (
         "use_lora", "lora_r", "lora_target_modules", "use_dora", "lora_train_embeddings",
         "freeze_trainable_layers",
     )),
 )  # fmt: skip
-# a changed optimizer has other state to resume: Muon+AdamW or AdamW alone; a changed lean mode
-# (LoRA, freeze) trains other tensors
-FIXED_FIELDS = ("max_length", "document_aware_packing", "seed", "use_muon_optimizer", *LEAN_FIELDS)
+# a changed optimizer has other state to resume: Muon+AdamW or AdamW alone, fp32 or 8-bit moments;
+# a changed lean mode (LoRA, freeze) trains other tensors
+FIXED_FIELDS = (
+    "max_length", "document_aware_packing", "seed", "use_muon_optimizer", "optimizer_states",
+    *LEAN_FIELDS,
+)  # fmt: skip
 ARCH_FIELDS = (
     "model_type",
     "hidden_size",

@@ -238,6 +238,7 @@ def estimate_memory(
     cpu_offload: bool = False,
     sync_every_micro_batch: bool = False,
     lean: LeanMode | None = None,
+    optimizer_states: str = "fp32",
 ) -> MemoryEstimate:
     """Estimate peak memory per device of one training step of this trainer.
 
@@ -246,11 +247,15 @@ def estimate_memory(
     - optimizer: AdamW keeps two fp32 moments, 8 B/param (the fp32 master copy is the weights
       themselves, so AdamW totals 16 B/param with weights and grads). Muon keeps one fp32
       momentum on the hidden matrices (4 B) and AdamW's 8 B on embeddings, head, norms, biases;
+      ``optimizer_states="8bit"`` (bitsandbytes' AdamW8bit): AdamW's 2-D tensors keep two uint8
+      moments and an fp32 scale per 256-element block each, 2.03 B/param; 1-D ones stay fp32;
     - optimizer_step_temp: ``adamw_impl="fused"`` (the trainer's choice on CPU and CUDA) has
       no temporaries; PyTorch's ``"foreach"`` AdamW allocates one sqrt(v) buffer for a whole
       parameter group, 4 B/param; ``"single"`` (the per-tensor loop) two buffers the size of
       the largest parameter. Muon adds Newton-Schulz on the largest matrix: a few bf16 copies
-      and one fp32 update, about 10 B per element;
+      and one fp32 update, about 10 B per element. 8-bit AdamW has none on CUDA (one fused
+      kernel); on CPU it dequantizes both moments of one tensor to fp32 and computes the update
+      with two more fp32 buffers: 20 B per element of the largest tensor (measured);
     - weight_copies: autocast's cached bf16 copies of every matmul weight, 2 B/param (CUDA bf16
       only; under FSDP the unsharded bf16 working set of about two blocks or the embedding);
     - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len; ``packed_mask``
@@ -278,6 +283,8 @@ def estimate_memory(
     _positive(micro_batch=micro_batch, seq_len=seq_len, world_size=world_size)
     if optimizer not in ("adamw", "muon"):
         raise PlannerError(f"optimizer: must be adamw or muon, got {optimizer!r}")
+    if optimizer_states not in ("fp32", "8bit"):
+        raise PlannerError(f"optimizer_states: must be fp32 or 8bit, got {optimizer_states!r}")
     if adamw_impl not in ("fused", "foreach", "single"):
         raise PlannerError(f"adamw_impl: must be fused, foreach or single, got {adamw_impl!r}")
     p = param_counts or count_params(shape)
@@ -287,17 +294,24 @@ def estimate_memory(
     act_bytes = 2 if bf16 else 4
     matmul_params = p.matrices + shape.vocab_size * shape.hidden_size
 
+    tables = p.embedding + p.lm_head
+    vectors = p.total - p.matrices - tables  # norm gains, biases
     if optimizer == "adamw":
-        opt = 8.0 * p.total
+        opt = _moment_bytes(p.matrices + tables, vectors, optimizer_states)
         adamw_group = p.total
+        largest_adamw = max(p.embedding, p.lm_head, p.largest_matrix)
     else:
-        opt = 4.0 * p.matrices + 8.0 * p.adamw_only
+        opt = 4.0 * p.matrices + _moment_bytes(tables, vectors, optimizer_states)
         adamw_group = p.adamw_only
-    step_temp = {
-        "fused": 0.0,
-        "foreach": 4.0 * adamw_group / shards,
-        "single": 8.0 * max(p.embedding, p.largest_matrix),
-    }[adamw_impl]
+        largest_adamw = max(p.embedding, p.lm_head)
+    if optimizer_states == "8bit":
+        step_temp = 0.0 if cuda else EIGHT_BIT_CPU_STEP_BYTES * largest_adamw
+    else:
+        step_temp = {
+            "fused": 0.0,
+            "foreach": 4.0 * adamw_group / shards,
+            "single": 8.0 * max(p.embedding, p.largest_matrix),
+        }[adamw_impl]
     if optimizer == "muon":
         step_temp += 10.0 * p.largest_matrix
 
@@ -327,6 +341,7 @@ def estimate_memory(
             shape, p, lean, tokens=tokens, seq_len=seq_len, accum=gradient_accumulation_steps,
             optimizer=optimizer, act=act, adamw_impl=adamw_impl, bf16=bf16, cuda=cuda,
             chunked_loss=chunked_loss, loss_chunk_size=loss_chunk_size, capacity=capacity_bytes,
+            optimizer_states=optimizer_states,
             activation_note=f"{_CKPT_NAMES[checkpointing]} checkpointing, {micro_batch} x "
             f"{seq_len} tokens, {'bf16' if bf16 else 'fp32'}{mask_note}",
         )  # fmt: skip
@@ -365,16 +380,25 @@ def estimate_memory(
             else ""
         ),
         "optimizer": (
-            "AdamW: 2 fp32 moments, 8 B/param"
+            f"AdamW: 2 {_MOMENTS[optimizer_states]}"
             if optimizer == "adamw"
-            else "Muon: 1 fp32 momentum on hidden matrices (4 B), AdamW on the rest (8 B)"
+            else "Muon: 1 fp32 momentum on hidden matrices (4 B), AdamW on the rest "
+            f"({_MOMENTS[optimizer_states]})"
         )
         + shard_note,
-        "optimizer_step_temp": {
-            "fused": "fused AdamW: none",
-            "foreach": "foreach AdamW's sqrt(v) buffer, 4 B/param of its group",
-            "single": "single-tensor AdamW: 2 buffers of the largest parameter",
-        }[adamw_impl]
+        "optimizer_step_temp": (
+            (
+                "8-bit AdamW: none (one fused kernel)"
+                if cuda
+                else "8-bit AdamW on CPU: fp32 moments and update of its largest tensor, 20 B/element"
+            )
+            if optimizer_states == "8bit"
+            else {
+                "fused": "fused AdamW: none",
+                "foreach": "foreach AdamW's sqrt(v) buffer, 4 B/param of its group",
+                "single": "single-tensor AdamW: 2 buffers of the largest parameter",
+            }[adamw_impl]
+        )
         + ("; Newton-Schulz on the largest matrix" if optimizer == "muon" else ""),
         "weight_copies": (
             "bf16 autocast copies of matmul weights, 2 B/param"
@@ -415,6 +439,18 @@ def estimate_memory(
 
 
 _CKPT_NAMES = {"none": "no", "full": "full", "selective": "selective"}
+# bitsandbytes' blockwise 8-bit AdamW: two uint8 moments and, per 256-element block, one fp32
+# scale for each; tensors under 4,096 elements (norms, biases) keep fp32 moments
+EIGHT_BIT_BYTES = 2.0 + 2 * 4.0 / 256
+EIGHT_BIT_CPU_STEP_BYTES = 20.0  # measured: peak RSS of one CPU step over the tensor's size
+_MOMENTS = {"fp32": "fp32 moments, 8 B/param", "8bit": "8-bit moments, 2.03 B/param (1-D: 8 B)"}
+
+
+def _moment_bytes(n_2d: float, n_1d: float, states: str) -> float:
+    """AdamW's moment bytes for ``n_2d`` matrix and ``n_1d`` vector parameters."""
+    if states == "8bit":
+        return EIGHT_BIT_BYTES * n_2d + 8.0 * n_1d
+    return 8.0 * (n_2d + n_1d)
 
 
 def _lean_memory(
@@ -434,18 +470,32 @@ def _lean_memory(
     loss_chunk_size,
     capacity,
     activation_note,
+    optimizer_states="fp32",
 ):
     """:func:`estimate_memory` for a LoRA or freeze-tuning run (see its docstring)."""  # fmt: skip
     lora, magnitude = lean.adapter_params(shape)
     trainable, matrices = lean.trainable(shape, p)
     table = shape.vocab_size * shape.hidden_size
-    opt = 8.0 * trainable if optimizer == "adamw" else 4.0 * matrices + 8.0 * (trainable - matrices)
+    # trained tensors here are matrices and tables (a freeze run's few norm gains are left out)
+    opt = (
+        _moment_bytes(trainable, 0, optimizer_states)
+        if optimizer == "adamw"
+        else 4.0 * matrices + _moment_bytes(trainable - matrices, 0, optimizer_states)
+    )
     largest_trained = lean.lora_r * max(i + o for _, i, o in _linears(shape)) if lean.lora_r else 0
     if lean.freeze_layers:
         largest_trained = p.largest_matrix
     step_temp = {"fused": 0.0, "foreach": 4.0 * trainable, "single": 8.0 * p.largest_matrix}[
         adamw_impl
     ]
+    if optimizer_states == "8bit":
+        tables_trained = max(p.embedding, p.lm_head) if lean.train_embeddings else 0
+        step_temp = (
+            0.0
+            if cuda
+            else EIGHT_BIT_CPU_STEP_BYTES
+            * max(tables_trained, 0 if optimizer == "muon" else largest_trained)
+        )
     if optimizer == "muon":
         step_temp += 10.0 * largest_trained
     copies = 0.0
@@ -481,11 +531,18 @@ def _lean_memory(
     notes = {
         "weights": f"fp32 weights, 4 B/param, frozen base and adapters ({what})",
         "grads": f"fp32 gradients of the {trainable:,} trained parameters",
-        "optimizer": ("AdamW: 8 B" if optimizer == "adamw" else "Muon 4 B on matrices, AdamW 8 B")
+        "optimizer": (
+            ("AdamW" if optimizer == "adamw" else "Muon 4 B on matrices, AdamW")
+            + (": 8 B" if optimizer_states == "fp32" else ": 8-bit moments, 2.03 B")
+        )
         + " per trained parameter",
-        "optimizer_step_temp": "fused AdamW: none"
-        if adamw_impl == "fused"
-        else adamw_impl
+        "optimizer_step_temp": (
+            ("8-bit AdamW: none" if cuda else "8-bit AdamW on CPU: 20 B/element of its largest")
+            if optimizer_states == "8bit"
+            else "fused AdamW: none"
+            if adamw_impl == "fused"
+            else adamw_impl
+        )
         + ("; Newton-Schulz on the largest trained matrix" if optimizer == "muon" else ""),
         "weight_copies": "bf16 copies of trained matmul weights + one frozen matrix"
         if copies
@@ -574,6 +631,7 @@ def _memory_for(cfg, shape, p, micro, world, device, capacity, accum=2) -> Memor
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
         sync_every_micro_batch=sync,
         lean=lean_mode_of(cfg),
+        optimizer_states=getattr(cfg, "optimizer_states", "fp32"),
     )
 
 
