@@ -133,6 +133,17 @@ LEAN_CASES = [
             lora_train_embeddings=False,
         ),
     )
+] + [
+    (
+        f"h256 {opt} with 8-bit AdamW states, plain loss, no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
+            use_fused_loss=False, use_gradient_checkpointing=False, optimizer_states="8bit",
+            use_muon_optimizer=opt == "Muon",
+        ),
+    )
+    for opt in ("AdamW", "Muon")
 ]  # fmt: skip
 STEPS = 3
 
@@ -195,7 +206,9 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         # gradients are still held here (zero_grad comes next): weights + grads + optimizer
         measured["static"] = _status("VmRSS")
         measured["peak"] = _status("VmHWM")
-        if isinstance(optimizer, torch.optim.AdamW):  # which AdamW the trainer built
+        if type(optimizer).__module__.startswith("bitsandbytes"):
+            measured["adamw_impl"] = "8bit"
+        elif isinstance(optimizer, torch.optim.AdamW):  # which AdamW the trainer built
             d = optimizer.defaults
             measured["adamw_impl"] = (
                 "fused" if d.get("fused") else "foreach" if d.get("foreach") else "single"
@@ -247,8 +260,11 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         chunked_loss=cfg.use_fused_loss,
         loss_chunk_size=cfg.loss_chunk_size,
         device="cpu",
-        adamw_impl=measured.get("adamw_impl", "fused"),
+        adamw_impl="fused"
+        if measured.get("adamw_impl") == "8bit"
+        else measured.get("adamw_impl", "fused"),
         lean=lean_mode_of(cfg),
+        optimizer_states=cfg.optimizer_states,
     )
     c = est.components
     return {
@@ -272,7 +288,9 @@ MODES = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help='the first two cases, "live" only')
-    ap.add_argument("--lean", action="store_true", help='the LoRA and freeze cases, "live" only')
+    ap.add_argument(
+        "--lean", action="store_true", help='the LoRA, freeze and 8-bit AdamW cases, "live" only'
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one case, in a fresh process so the allocator state is clean
