@@ -553,7 +553,14 @@ def test_chunked_loss_never_reads_the_device():
     labels = torch.zeros(2, 21, dtype=torch.long, device="meta")
     labels[0, :10] = IGNORE_INDEX  # a whole chunk and part of the next
     total = loss._FusedLinearCrossEntropy.apply(
-        hidden, head.weight, head.bias, labels.reshape(-1)[:40], head, 8, torch.float32, True
+        hidden,
+        head.weight,
+        head.bias,
+        labels.reshape(-1)[:40],
+        head,
+        8,
+        torch.float32,
+        (True, True, True),
     )
     total.backward()
     assert hidden.grad is not None and head.weight.grad.shape == (50, 16)

@@ -43,6 +43,41 @@ def test_chunked_loss_matches_hf_loss_and_grads(request, fixture, tokenizer):
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_frozen_head_gets_no_weight_gradient(tiny_llama, tokenizer):
+    """LoRA and freeze-tuning with frozen embeddings: the chunked loss gives the trained
+    tensors HF's gradients and builds no vocab x hidden gradient for the frozen head (on
+    Qwen2.5-7B that buffer is 2.2 GB, and its matmul a third of the head's backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.lm_head.requires_grad_(False)  # and the embedding (the same shape): adapters only
+    model.get_input_embeddings().requires_grad_(False)
+    batch = collate(_batch(tokenizer, 2, 64))
+    n = count_loss_tokens(batch)
+    model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels")}).loss.backward()
+    ref = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    head_shape = tuple(model.lm_head.weight.shape)
+
+    class HeadSized(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == head_shape:
+                HeadSized.made += 1
+            return out
+
+    with HeadSized():
+        (lm_loss_sum(model, batch, chunked=True, chunk_size=16) / n).backward()
+    assert HeadSized.made == 0
+    assert model.lm_head.weight.grad is None
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_gradient_accumulation_is_invariant_to_the_split(tiny_qwen, tokenizer):
     """One micro-batch of 8 blocks and eight micro-batches of 1 give the same loss and grads."""
     blocks = _batch(tokenizer, 8, 40)

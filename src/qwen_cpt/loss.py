@@ -53,8 +53,10 @@ def _logits_buffer(head: torch.nn.Module, rows: int, chunk_size: int) -> torch.T
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, chunked.
 
-    Forward computes the loss and, when gradients are wanted, the gradients of ``hidden``,
-    ``weight`` and ``bias`` (backward only scales them by the incoming gradient). Matmuls run
+    Forward computes the loss and the gradients wanted (``want_grad``: one flag each for
+    ``hidden``, ``weight`` and ``bias``; backward only scales them by the incoming gradient). A
+    frozen head (LoRA, freeze-tuning without trained embeddings) gets no fp32 weight gradient:
+    neither its vocab x hidden buffer nor its matmul. Matmuls run
     in ``compute_dtype`` (the autocast dtype, if any), softmax and the loss in fp32, and the
     weight gradient accumulates in fp32 across chunks.
     """
@@ -64,11 +66,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         rows = hidden.shape[0]
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if want_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
-        grad_b = (
-            torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
-        )
+        want_h, want_w, want_b = want_grad
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+        want_grad = want_h or want_w or want_b
         buf = _logits_buffer(head, rows, chunk_size)
         on_cpu = hidden.device.type == "cpu"
         for start in range(0, rows, chunk_size):
@@ -98,27 +100,32 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits.mul_((valid / denom).unsqueeze(1))
             logits.scatter_add_(1, y_safe, -valid.unsqueeze(1).to(logits.dtype))
             g = logits if compute_dtype == torch.float32 else logits.to(compute_dtype)
-            grad_h[start : start + chunk_size] = torch.mm(g, w).to(hidden.dtype)
-            if compute_dtype == torch.float32:
+            if grad_h is not None:
+                grad_h[start : start + chunk_size] = torch.mm(g, w).to(hidden.dtype)
+            if grad_w is None:
+                pass
+            elif compute_dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)
             else:
                 grad_w.add_(torch.mm(g.t(), h))
             if grad_b is not None:
                 grad_b.add_(logits.sum(dim=0))
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.grads = (grad_h, grad_w, grad_b) if want_grad else None
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("fused cross-entropy: forward ran without gradients")
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None  # the buffers are scaled in place: a second backward must not reuse them
-        if grad_h is None:
-            raise RuntimeError("fused cross-entropy: forward ran without gradients")
         w_dtype, b_dtype = ctx.dtypes
-        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        grad_w = grad_w.mul_(grad_loss).to(w_dtype)
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_loss).to(b_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -143,10 +150,11 @@ def chunked_lm_loss_sum(
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over ``hidden[:, :-1]`` vs ``labels[:, 1:]``."""
     h, y, compute_dtype = _shift(hidden, labels, head)
-    want_grad = torch.is_grad_enabled() and (
-        h.requires_grad
-        or head.weight.requires_grad
-        or (head.bias is not None and head.bias.requires_grad)
+    grad = torch.is_grad_enabled()
+    want_grad = (
+        grad and h.requires_grad,
+        grad and head.weight.requires_grad,
+        grad and head.bias is not None and head.bias.requires_grad,
     )
     with torch.autocast(h.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
