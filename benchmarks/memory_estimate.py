@@ -11,7 +11,10 @@ the logits are big) for a few fp32 steps (``use_bf16=False``) in a fresh subproc
   data are already resident); the peak counter (VmHWM) is reset there (``/proc/self/clear_refs``);
 - after step: VmRSS right after the last optimizer step (weights, gradients and optimizer state
   are all held there, and on CPU the fused loss's chunk workspace), minus the baseline;
-- peak: VmHWM after the last optimizer step, minus the baseline;
+- peak: VmHWM after the last optimizer step, minus the baseline, with the counter reset again
+  once the model is loaded: loading holds the file's tensors beside the model's for a moment,
+  a host-side peak of up to twice the weights that the step never reaches when little trains
+  (LoRA); it is printed apart as the load peak;
 and compares them with ``estimate_memory`` (weights, grads, optimizer, its step temporaries,
 activations and logits; on CPU there is no CUDA overhead and no autocast copy).
 
@@ -42,6 +45,9 @@ from pathlib import Path
 MiB = 2**20
 
 SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704)
+# wider, so that the decoder's matrices (67M) are a large share beside the 156M-entry table:
+# where QLoRA's 4-bit base shows
+WIDE = dict(hidden_size=1024, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=2816)
 # name, make_tiny_model kwargs, CPTConfig overrides
 CASES = [
     (
@@ -125,6 +131,30 @@ LEAN_CASES = [
     for emb in (True, False)
 ] + [
     (
+        f"h256 QLoRA r=16{', embeddings trained' if emb else ', adapters only'}, plain loss, "
+        "no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
+            use_fused_loss=False, use_gradient_checkpointing=False, use_lora=True, lora_r=16,
+            lora_train_embeddings=emb, use_qlora=True,
+        ),
+    )
+    for emb in (True, False)
+] + [
+    (
+        f"h1024 x6 {'QLoRA' if q else 'LoRA'} r=16, adapters only, chunked loss 256, no ckpt, "
+        "2x256, accum 1",
+        WIDE,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=256,
+            use_fused_loss=True, loss_chunk_size=256, use_gradient_checkpointing=False,
+            use_lora=True, lora_r=16, lora_train_embeddings=False, use_qlora=q,
+        ),
+    )
+    for q in (False, True)
+] + [
+    (
         "h256 freeze last 1 of 4 layers, embeddings frozen, plain loss, no ckpt, 2x256, accum 2",
         SMALL,
         dict(
@@ -194,9 +224,25 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         _reset_peak()
         model = real_load(*args, **kwargs)
         measured["after_load"] = _status("VmRSS")
+        # loading holds the file's tensors beside the model's for a moment (2x the weights): a
+        # host-side peak, not the step's; count it apart and measure the step from here
+        measured["load_peak"] = _status("VmHWM")
+        _reset_peak()
         return model
 
     trainer_mod.load_model = load_and_measure  # instrumentation only: the trainer runs as is
+    # Read the weights into the process's own memory, not a mapping of the file: RSS counts a
+    # mapped file's touched pages, which outlive the tensors read from them (QLoRA's fp32
+    # matrices, once quantized) and which the kernel can drop at will. Anonymous memory is what
+    # a step needs.
+    from transformers import AutoModelForCausalLM as _Auto
+
+    real_from_pretrained = _Auto.from_pretrained.__func__
+
+    def from_pretrained_unmapped(cls, *args, **kwargs):
+        return real_from_pretrained(cls, *args, **{"disable_mmap": True, **kwargs})
+
+    _Auto.from_pretrained = classmethod(from_pretrained_unmapped)
     if not tuned_allocator:
         import qwen_cpt.model as model_mod
 
@@ -270,6 +316,7 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
     return {
         "measured_static": measured["static"] - measured["baseline"],
         "measured_peak": measured["peak"] - measured["baseline"],
+        "measured_load_peak": measured["load_peak"] - measured["baseline"],
         "estimated_static": c["weights"] + c["grads"] + c["optimizer"] + c["loss_workspace"],
         "estimated_peak": est.peak,
         "components": est.components,
@@ -291,6 +338,7 @@ def main() -> int:
     ap.add_argument(
         "--lean", action="store_true", help='the LoRA, freeze and 8-bit AdamW cases, "live" only'
     )
+    ap.add_argument("--only", default="", help="only the cases whose name contains this")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one case, in a fresh process so the allocator state is clean
@@ -309,6 +357,7 @@ def main() -> int:
         runs = [(case, "live") for case in CASES[:2]]
     if args.lean:
         runs = [(case, "live") for case in LEAN_CASES]
+    runs = [(case, mode) for case, mode in runs if args.only in case[0]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, ((name, model_kw, overrides), mode) in enumerate(runs):
@@ -341,9 +390,9 @@ def main() -> int:
     print(
         "| case | allocator | AdamW | after step est. / meas. (MiB) | peak est. (MiB) | "
         "peak meas. (MiB) | peak error | est. (MiB): activations, logits, loss workspace, "
-        "step temp, embedding grad |"
+        "step temp, embedding grad | load peak meas. (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
         c = {k: v / MiB for k, v in r["components"].items()}
         err = (r["estimated_peak"] - r["measured_peak"]) / r["measured_peak"]
@@ -352,7 +401,8 @@ def main() -> int:
             f"{r['measured_static'] / MiB:.0f} | "
             f"{r['estimated_peak'] / MiB:.0f} | {r['measured_peak'] / MiB:.0f} | {err:+.1%} | "
             f"{c['activations']:.0f}, {c['logits']:.0f}, {c['loss_workspace']:.0f}, "
-            f"{c['optimizer_step_temp']:.0f}, {c['embedding_grad']:.0f} |"
+            f"{c['optimizer_step_temp']:.0f}, {c['embedding_grad']:.0f} | "
+            f"{r['measured_load_peak'] / MiB:.0f} |"
         )
     return 0
 

@@ -77,9 +77,16 @@ def full_checkpoint_bytes(tiny_qwen, tmp_path_factory):
         ("llama", dict(use_lora=True, use_dora=True, use_muon_optimizer=True)),
         # adapters only: the checkpoint is tiny
         ("qwen", dict(use_lora=True, lora_train_embeddings=False, use_muon_optimizer=True)),
+        # QLoRA: a 4-bit NF4 base (bitsandbytes runs it on CPU); fp32 compute for the 1e-5
+        # comparison (with use_bf16 the 4-bit layers compute in bf16)
+        ("qwen", dict(use_lora=True, use_qlora=True, use_bf16=False)),
+        # QDoRA with Muon, untied head: PEFT's DoRA merge on the dequantized base
+        ("llama", dict(use_lora=True, use_qlora=True, use_dora=True, use_muon_optimizer=True,
+                       use_bf16=False)),
     ],
-    ids=["lora-adamw-emb", "dora-muon-emb", "lora-muon-adapters-only"],
-)
+    ids=["lora-adamw-emb", "dora-muon-emb", "lora-muon-adapters-only", "qlora-adamw-emb",
+         "qdora-muon-emb"],
+)  # fmt: skip
 def test_lora_resumes_exactly_and_saves_a_merged_final(
     request, tmp_path, arch, kw, full_checkpoint_bytes
 ):
@@ -116,9 +123,24 @@ def test_lora_resumes_exactly_and_saves_a_merged_final(
     assert not (final / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(final)
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_path), str(final / "adapter")
-    )
+    base_kw = {}
+    if kw.get("use_qlora"):  # the adapter was trained on the 4-bit base: load it so again
+        from transformers import BitsAndBytesConfig
+
+        assert "quantization_config" not in json.loads((final / "config.json").read_text())
+        base_kw = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+            device_map="cpu",
+        )  # fmt: skip
+        assert any(getattr(p, "quant_state", None) is not None for p in trainer.model.parameters())
+    base = AutoModelForCausalLM.from_pretrained(base_path, **base_kw)
+    for module in base.modules():  # as the trainer does: bitsandbytes' CPU inference repack
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # needs in_features >= 64
+            module.support_avx512bf16_for_cpu = False
+    adapter = PeftModel.from_pretrained(base, str(final / "adapter"))
     # fp32: merging reassociates W x + s B (A x) as (W + s B A) x, a few ulps of the logits
     # (|logits| < 10 here, so 1e-5 is about 100 ulps; a missed adapter moves them by >= 1e-3)
     in_memory = _logits(trainer.model)
@@ -172,6 +194,7 @@ def test_freeze_tuning_trains_only_the_last_layers(tiny_qwen, tmp_path, full_che
         (dict(use_lora=True, lora_dropout=1.0), "lora_dropout: must be in [0, 1)"),
         (dict(use_lora=True, lora_target_modules=["lm_head"]), "lora_target_modules: lm_head"),
         (dict(use_dora=True), "use_dora: needs use_lora"),
+        (dict(use_qlora=True), "use_qlora: needs use_lora"),
         (dict(use_lora=True, freeze_trainable_layers=2), "freeze_trainable_layers and use_lora"),
         (dict(use_lora=True, fsdp_cpu_offload=True), "fsdp_cpu_offload: not supported"),
         (dict(embedding_learning_rate=0.0), "embedding_learning_rate: must be > 0"),

@@ -704,6 +704,22 @@ def test_lora_memory_by_hand():
     assert dora == (4672, 2 * 608)
 
 
+def test_qlora_memory_by_hand():
+    from qwen_cpt.planner.memory import NF4_BYTES, LeanMode
+
+    # per layer q 64x64, k and v 64x32, o 64x64, gate/up/down 64x176: 46080, x 2 layers
+    matrices = 2 * (2 * 4096 + 2 * 2048 + 3 * 11264)
+    assert NF4_BYTES == pytest.approx(4.127 / 8, abs=1e-3)  # QLoRA's 4.127 bits per weight
+    kw = dict(micro_batch=1, seq_len=8, bf16=False, chunked_loss=False, device="cpu")
+    lora = estimate_memory(SMALL, lean=LeanMode(lora_r=2), **kw).components
+    q = estimate_memory(SMALL, lean=LeanMode(lora_r=2, quantized=True), **kw).components
+    # the decoder's matrices in 4 bits; tables, norms, biases and adapters stay fp32
+    assert q["weights"] == pytest.approx(4 * (SMALL_TOTAL - matrices + 4672) + NF4_BYTES * matrices)
+    assert q["weight_copies"] == 4 * 11264  # one 4-bit matrix dequantized for its matmul
+    # what trains, and so its gradients and optimizer state, is LoRA's
+    assert (q["grads"], q["optimizer"]) == (lora["grads"], lora["optimizer"])
+
+
 def test_freeze_memory_and_compute_by_hand():
     from qwen_cpt.planner.memory import LeanMode, lean_compute_factor
 
@@ -731,6 +747,12 @@ def test_plan_lists_the_modes_that_fit_one_gpu(tmp_path, capsys):
     assert modes and all(m["fits"] and m["peak_gib"] <= 36 for m in modes.values())
     assert mem["modes_that_fit"][0]["flags"] == {"fsdp_cpu_offload": True}
     assert any(m["flags"].get("use_lora") for m in modes.values())
+    # QLoRA comes last (least faithful: its base is quantized) and takes the least memory of
+    # the modes that keep the weights on the GPU
+    qlora = [m for m in mem["modes_that_fit"] if m["flags"].get("use_qlora")]
+    assert qlora and mem["modes_that_fit"][-len(qlora) :] == qlora
+    on_gpu = [m["peak_gib"] for m in modes.values() if not m["flags"].get("fsdp_cpu_offload")]
+    assert min(m["peak_gib"] for m in qlora) == min(on_gpu)
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "modes that fit this one device" in text and "use_lora: true" in text

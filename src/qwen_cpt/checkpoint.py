@@ -310,7 +310,10 @@ def save_model_dir(target: Path, model, tokenizer, config, state, weights: dict)
     def write(tmp: Path) -> None:
         if lean.peft_wrapper(model) is not None:  # LoRA: the merged model, and the adapter
             merged = without_tied(model, lean.merged_state_dict(model))
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=merged)
+            if lean.is_quantized(model):  # QLoRA: the merged model on the dequantized base
+                lean.save_plain_model(tmp, model, merged)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=merged)
             lean.save_adapter(tmp / lean.ADAPTER_DIR, model, config.lora_train_embeddings)
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)

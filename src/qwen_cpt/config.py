@@ -153,6 +153,14 @@ class CPTConfig:
         "of the decoder (never lm_head: see lora_train_embeddings).",
     )
     use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, arXiv 2402.09353) with use_lora.")
+    use_qlora: bool = _f(
+        False,
+        "QLoRA (Dettmers et al. 2023, arXiv 2305.14314), with use_lora: the frozen base's "
+        "linear layers are held in 4-bit NF4 with double quantization (bitsandbytes), about "
+        "0.52 B/param instead of 4; embeddings, head and norms stay fp32. final/ holds the "
+        "merged model on the dequantized base. One process, CPU or CUDA "
+        "(pip install 'qwen-cpt[lean]').",
+    )
     lora_train_embeddings: bool = _f(
         True,
         "With use_lora or freeze_trainable_layers: also train embed_tokens and lm_head fully "
@@ -571,6 +579,10 @@ def _lean_mode_errors(cfg: CPTConfig) -> list[str]:
         errors.append(f"freeze_trainable_layers: must be >= 0, got {cfg.freeze_trainable_layers}")
     if cfg.use_dora and not cfg.use_lora:
         errors.append("use_dora: needs use_lora: true")
+    if cfg.use_qlora and not cfg.use_lora:
+        errors.append(
+            "use_qlora: needs use_lora: true (QLoRA trains LoRA adapters on a 4-bit base)"
+        )
     if cfg.use_lora and cfg.freeze_trainable_layers:
         errors.append("freeze_trainable_layers and use_lora conflict: choose one lean mode")
     if (cfg.use_lora or cfg.freeze_trainable_layers) and cfg.fsdp_cpu_offload:

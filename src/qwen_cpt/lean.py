@@ -35,7 +35,8 @@ _WRAPPERS: dict[int, object] = {}  # id(HF model) -> its PeftModel
 
 
 def lean_mode(cfg) -> str | None:
-    """``"lora"``, ``"dora"``, ``"freeze"`` or None (full training)."""
+    """``"lora"``, ``"dora"``, ``"freeze"`` or None (full training); QLoRA is LoRA or DoRA on a
+    4-bit base (``use_qlora``, loaded so by :func:`qwen_cpt.model.load_model`)."""
     if cfg.use_lora:
         return "dora" if cfg.use_dora else "lora"
     return "freeze" if cfg.freeze_trainable_layers else None
@@ -52,10 +53,14 @@ def check_world(cfg, world) -> None:
                 "plain tensors, not DTensor shards); use fp32 states there"
             ]
         )
-    if getattr(cfg, "optimizer_states", "fp32") == "8bit":
-        from .optim import import_bitsandbytes
+    for needs_bnb, what in (
+        (getattr(cfg, "optimizer_states", "fp32") == "8bit", "optimizer_states: 8bit"),
+        (getattr(cfg, "use_qlora", False), "use_qlora"),
+    ):
+        if needs_bnb:
+            from .optim import import_bitsandbytes
 
-        import_bitsandbytes()  # installed, or one line now rather than after the model loads
+            import_bitsandbytes(what)  # installed, or one line now, not after the model loads
     mode = lean_mode(cfg)
     if mode and world.sharded:
         field = "use_lora" if cfg.use_lora else "freeze_trainable_layers"
@@ -80,14 +85,23 @@ def apply_lean_mode(model, cfg):
         for p in _table_params(model):
             p.requires_grad_(True)
     trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(_numel(p) for p in {id(p): p for p in model.parameters()}.values())
+    name = {"lora": "LoRA", "dora": "DoRA", "freeze": "freeze-tuning"}[mode]
+    if getattr(cfg, "use_qlora", False):
+        name = f"Q{name} (4-bit NF4 base, double quantization)"
     log.info(
         "%s: training %s of %s parameters (%.2f%%)%s",
-        {"lora": "LoRA", "dora": "DoRA", "freeze": "freeze-tuning"}[mode],
+        name,
         f"{sum(trainable.values()):,}", f"{total:,}", 100 * sum(trainable.values()) / total,
         ", embeddings and head included" if cfg.lora_train_embeddings else "",
     )  # fmt: skip
     return model
+
+
+def _numel(p) -> int:
+    """Elements of a parameter; a 4-bit one (two per stored byte) counts its full shape."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 
 
 def _table_params(model) -> list[torch.nn.Parameter]:
@@ -155,26 +169,97 @@ def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
+def _is_4bit(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return getattr(weight, "quant_state", None) is not None  # bitsandbytes' Params4bit
+
+
+def _dequantized(linear) -> torch.Tensor:
+    """A 4-bit linear layer's weight in fp32, as its forward computes with it."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = linear.weight
+    return dequantize_bnb_weight(weight, state=weight.quant_state).float()
+
+
+@torch.no_grad()
+def _merge_4bit(module) -> torch.Tensor:
+    """A LoRA layer on a 4-bit base, merged in full precision: the dequantized base weight plus
+    PEFT's own update for each active adapter (``get_delta_weight``, or the variant's
+    ``merge_safe`` for DoRA). PEFT's ``merge()`` would quantize the sum to 4 bits again, which
+    loses most of the update."""
+    weight = _dequantized(module.get_base_layer())
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if adapter in module.lora_variant:
+            weight = module.lora_variant[adapter].merge_safe(module, adapter, weight)
+        else:
+            weight = weight + module.get_delta_weight(adapter).float()
+    return weight
+
+
 @torch.no_grad()
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter merged in, on the CPU; ``model`` is not
     changed (best/ is saved mid-run). Each adapted layer is copied and merged by PEFT itself
-    (``merge()``: LoRA's ``W + s*B@A``, DoRA's magnitude-scaled form), one layer at a time."""
+    (``merge()``: LoRA's ``W + s*B@A``, DoRA's magnitude-scaled form), one layer at a time.
+    QLoRA: a 4-bit base layer is dequantized to fp32 first, adapted or not, so the folder is a
+    plain HF model whose logits are the adapter model's."""
     from peft.tuners.lora import LoraLayer
 
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def replace(name: str, params: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in weights if k.startswith(f"{name}.")]:
+            del weights[key]
+        for pname, p in params.items():
+            weights[f"{name}.{pname}"] = p.detach().cpu()
+
+    lora_names = set()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        lora_names.add(name)
+        base = module.get_base_layer()
+        if _is_4bit(base):
+            params = {"weight": _merge_4bit(module)}
+            if base.bias is not None:
+                params["bias"] = base.bias
+            replace(name, params)
+            continue
         merged = copy.deepcopy(module)
         merged.merge(safe_merge=True)
-        base = merged.get_base_layer()
-        for key in [k for k in weights if k.startswith(f"{name}.")]:
-            del weights[key]
-        for pname, p in base.named_parameters(recurse=False):
-            weights[f"{name}.{pname}"] = p.detach().cpu()
+        replace(name, dict(merged.get_base_layer().named_parameters(recurse=False)))
         del merged
+    for name, module in model.named_modules():  # 4-bit layers without an adapter
+        inside = any(name == n or name.startswith(f"{n}.") for n in lora_names)
+        if not inside and _is_4bit(module):
+            params = {"weight": _dequantized(module)}
+            if module.bias is not None:
+                params["bias"] = module.bias
+            replace(name, params)
     return weights
+
+
+def is_quantized(model) -> bool:
+    """Whether the model holds 4-bit layers (QLoRA's base)."""
+    return any(_is_4bit(m) for m in model.modules())
+
+
+def save_plain_model(folder: Path, model, weights: dict[str, torch.Tensor]) -> None:
+    """``weights`` as a plain HF folder (safetensors, config without a quantization_config).
+    ``save_pretrained`` of a quantized model would write its own 4-bit state instead."""
+    from huggingface_hub import save_torch_state_dict
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = next(iter(weights.values())).dtype
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_torch_state_dict(weights, folder, metadata={"format": "pt"})
 
 
 def save_adapter(folder: Path, model, train_embeddings: bool) -> None:

@@ -248,27 +248,57 @@ def load_model(
     runtime: Runtime,
     trust_remote_code: bool = False,
     dtype: torch.dtype | str = torch.float32,
+    quantize_4bit: bool = False,
 ):
     """Load a causal LM on ``runtime.device``, by default in fp32 master weights.
 
     ``dtype="auto"`` keeps the checkpoint's dtype (for FSDP2, which casts layer by layer).
+    ``quantize_4bit`` (QLoRA's base, ``use_qlora``): the decoder's linear layers in 4-bit NF4
+    with double quantization, computing in the run's autocast dtype (fp32 without one), through
+    transformers' bitsandbytes integration; everything else (embeddings, head, norms, biases)
+    in ``dtype``.
     """
     from transformers import AutoModelForCausalLM
 
     _check_source(path, "model_name_or_path")
     install_flex_autocast()  # the trainer may switch to flex_attention after measuring
+    extra = {}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        from .optim import import_bitsandbytes
+
+        import_bitsandbytes("use_qlora")
+        extra = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=runtime.autocast_dtype or torch.float32,
+            ),
+            device_map={"": runtime.device},  # quantized as it loads; .to() cannot move it
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             attn_implementation=runtime.attn_implementation,
             trust_remote_code=trust_remote_code,
+            **extra,
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc
     # training never caches, and packing needs the cache off
     # (docs/design.md, "Packing and document boundaries")
     model.config.use_cache = False
+    if quantize_4bit:
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel the
+            # first time the layer runs in eval mode, and that kernel needs in_features of at
+            # least its 64-element block: keep training and evaluation on one layout and path
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        return model
     return model.to(runtime.device)
 
 

@@ -213,10 +213,11 @@ def _adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
     )
 
 
-def import_bitsandbytes():
-    """``bitsandbytes``, or a ConfigError naming the field and the install command. Its CPU
-    backend logs a warning at import about an optional 4-bit matmul kernel that this trainer
-    never uses; that one message is kept out of the run's log."""
+def import_bitsandbytes(what: str = "optimizer_states: 8bit"):
+    """``bitsandbytes``, or a ConfigError naming the field (``what``) and the install command.
+    Its CPU backend logs a warning at import about an optional 4-bit matmul kernel from the Hub
+    (the kernels package); without it QLoRA on CPU uses bitsandbytes' PyTorch fallback, which
+    gives the same results. That one message is kept out of the run's log."""
     from .errors import ConfigError
 
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -227,7 +228,7 @@ def import_bitsandbytes():
     except ImportError as exc:
         raise ConfigError(
             [
-                f"optimizer_states: 8bit needs bitsandbytes ({exc}); "
+                f"{what} needs bitsandbytes ({exc}); "
                 "pip install 'qwen-cpt[lean]' (or bitsandbytes>=0.50)"
             ]
         ) from None

@@ -34,7 +34,7 @@ GEOMETRY_FIELDS = (
     "use_muon_optimizer",
     "optimizer_states",
     *(LEAN_FIELDS := (
-        "use_lora", "lora_r", "lora_target_modules", "use_dora", "lora_train_embeddings",
+        "use_lora", "lora_r", "lora_target_modules", "use_dora", "use_qlora", "lora_train_embeddings",
         "freeze_trainable_layers",
     )),
 )  # fmt: skip

@@ -138,7 +138,8 @@ def build_run(
     cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
     model = world.load_model(  # sharded: rank 0 reads the weights, the others build on meta
         lambda: load_model(cfg.model_name_or_path, cpu if world.sharded else runtime,
-                           cfg.trust_remote_code, "auto" if world.sharded else torch.float32),
+                           cfg.trust_remote_code, "auto" if world.sharded else torch.float32,
+                           quantize_4bit=cfg.use_qlora),
         lambda: build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code),
         f"loading {cfg.model_name_or_path}", ModelLoadError,
     )  # fmt: skip

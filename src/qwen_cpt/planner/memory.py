@@ -169,6 +169,7 @@ class LeanMode:
     dora: bool = False
     freeze_layers: int = 0
     train_embeddings: bool = True
+    quantized: bool = False  # QLoRA: the decoder's linear layers held in 4-bit NF4
 
     def adapter_params(self, shape: ModelShape) -> tuple[int, int]:
         """``(LoRA matrix parameters, DoRA magnitude parameters)`` of the whole decoder."""
@@ -191,7 +192,8 @@ class LeanMode:
 
     def describe(self) -> str:
         what = (
-            f"{'DoRA' if self.dora else 'LoRA'} r={self.lora_r} on {', '.join(self.lora_modules)}"
+            f"{'Q' if self.quantized else ''}{'DoRA' if self.dora else 'LoRA'} r={self.lora_r} "
+            f"on {', '.join(self.lora_modules)}"
             if self.lora_r
             else f"freeze-tuning: the last {self.freeze_layers} layers"
         )
@@ -443,6 +445,9 @@ _CKPT_NAMES = {"none": "no", "full": "full", "selective": "selective"}
 # scale for each; tensors under 4,096 elements (norms, biases) keep fp32 moments
 EIGHT_BIT_BYTES = 2.0 + 2 * 4.0 / 256
 EIGHT_BIT_CPU_STEP_BYTES = 20.0  # measured: peak RSS of one CPU step over the tensor's size
+# QLoRA's NF4 with double quantization (Dettmers et al. 2023): 4 bits per weight, an 8-bit
+# scale per 64-weight block and an fp32 scale per 256 blocks: 4.127 bits
+NF4_BYTES = 0.5 + 1.0 / 64 + 4.0 / (64 * 256)
 _MOMENTS = {"fp32": "fp32 moments, 8 B/param", "8bit": "8-bit moments, 2.03 B/param (1-D: 8 B)"}
 
 
@@ -502,6 +507,8 @@ def _lean_memory(
     if bf16 and cuda:  # cached copies of trained matmul weights, one transient frozen one
         trained_matmul = matrices + (table if lean.train_embeddings else 0)
         copies = 2.0 * (trained_matmul + p.largest_matrix)
+    elif lean.quantized:  # a 4-bit layer's weight, dequantized for its matmul
+        copies = 4.0 * p.largest_matrix
     if lean.freeze_layers and not lean.train_embeddings:
         act *= min(lean.freeze_layers, shape.num_layers) / shape.num_layers
     logits = logits_bytes(
@@ -509,8 +516,11 @@ def _lean_memory(
     )
     if chunked_loss and not lean.train_embeddings:  # no fp32 gradient of the head
         logits -= (6.0 if bf16 else 4.0) * shape.vocab_size * shape.hidden_size
+    base = 4.0 * p.total
+    if lean.quantized:  # every decoder linear layer in 4 bits, the rest (tables, norms) fp32
+        base -= (4.0 - NF4_BYTES) * p.matrices
     components = {
-        "weights": 4.0 * (p.total + lora + magnitude),
+        "weights": base + 4.0 * (lora + magnitude),
         "grads": 4.0 * trainable,
         "optimizer": opt,
         "optimizer_step_temp": step_temp,
@@ -529,7 +539,12 @@ def _lean_memory(
         components["logits"] -= workspace
     what = lean.describe()
     notes = {
-        "weights": f"fp32 weights, 4 B/param, frozen base and adapters ({what})",
+        "weights": (
+            f"4-bit NF4 decoder matrices ({NF4_BYTES:.2f} B/param), fp32 tables, norms and "
+            f"adapters ({what})"
+            if lean.quantized
+            else f"fp32 weights, 4 B/param, frozen base and adapters ({what})"
+        ),
         "grads": f"fp32 gradients of the {trainable:,} trained parameters",
         "optimizer": (
             ("AdamW" if optimizer == "adamw" else "Muon 4 B on matrices, AdamW")
@@ -545,6 +560,8 @@ def _lean_memory(
         )
         + ("; Newton-Schulz on the largest trained matrix" if optimizer == "muon" else ""),
         "weight_copies": "bf16 copies of trained matmul weights + one frozen matrix"
+        if copies and cuda
+        else "one 4-bit matrix dequantized to fp32 for its matmul"
         if copies
         else "none (fp32 or CPU)",
         "activations": activation_note
@@ -571,6 +588,7 @@ def lean_mode_of(cfg) -> LeanMode | None:
             lora_modules=tuple(cfg.lora_target_modules),
             dora=cfg.use_dora,
             train_embeddings=cfg.lora_train_embeddings,
+            quantized=getattr(cfg, "use_qlora", False),
         )
     if getattr(cfg, "freeze_trainable_layers", 0):
         return LeanMode(

@@ -167,14 +167,18 @@ def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dic
        moments' quantization error, 6 B/param less than fp32 moments, no slower;
     3. freeze-tuning with the most trained layers that fit (a subset of full training);
     4. LoRA at ``lora_r`` with the embeddings and head trained (Unsloth's CPT recipe), then
-       without them (adapters only: least memory, least like full CPT).
+       without them (adapters only: less memory, less like full CPT);
+    5. QLoRA, the same two on a 4-bit NF4 base: least memory, and the base itself is changed
+       by its quantization error.
     Each with its peak, its FLOPs over full training's and the flags to set. One process only:
     the lean modes do not run under torchrun in this version.
     """
     import dataclasses
 
     limit = USABLE_FRACTION * capacity
-    base = dataclasses.replace(cfg, use_lora=False, use_dora=False, freeze_trainable_layers=0)
+    base = dataclasses.replace(
+        cfg, use_lora=False, use_dora=False, use_qlora=False, freeze_trainable_layers=0
+    )
 
     def mode(name: str, flags: dict, view) -> dict[str, Any]:
         mem = _memory_for(view, shape, p, micro, 1, "cuda", capacity, accum)
@@ -205,16 +209,22 @@ def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dic
         out.append(mode(f"freeze-tuning, last {k} of {shape.num_layers} layers",
                         {"freeze_trainable_layers": k},
                         dataclasses.replace(base, freeze_trainable_layers=k)))  # fmt: skip
-    for emb in (True, False):
-        view = dataclasses.replace(base, use_lora=True, lora_train_embeddings=emb)
-        out.append(
-            mode(
-                f"LoRA r={cfg.lora_r}"
-                + (", embeddings and head trained" if emb else ", adapters only"),
-                {"use_lora": True, "lora_r": cfg.lora_r, "lora_train_embeddings": emb},
-                view,
+    for quantized in (False, True):
+        for emb in (True, False):
+            view = dataclasses.replace(
+                base, use_lora=True, lora_train_embeddings=emb, use_qlora=quantized
             )
-        )
+            flags = {"use_lora": True, "lora_r": cfg.lora_r, "lora_train_embeddings": emb}
+            if quantized:
+                flags["use_qlora"] = True
+            out.append(
+                mode(
+                    f"{'QLoRA (4-bit base)' if quantized else 'LoRA'} r={cfg.lora_r}"
+                    + (", embeddings and head trained" if emb else ", adapters only"),
+                    flags,
+                    view,
+                )
+            )
     return [m for m in out if m["fits"]]
 
 
@@ -421,6 +431,11 @@ def format_plan(plan: Plan) -> str:
                 if m["hours"] is None
                 else f"{m['compute_vs_full']:.0%} of full training's FLOPs, about "
                 f"{m['hours']:.3g} h"
+                + (
+                    " plus the 4-bit dequantization (not measured)"
+                    if m["flags"].get("use_qlora")
+                    else ""
+                )
             )
             lines.append(f"    - {m['mode']}: peak {m['peak_gib']:.1f} GiB, {speed}; set {flags}")
     elif mem["fits"] is False and mem.get("lean_mode") is None and plan.batch["devices"] == 1:
