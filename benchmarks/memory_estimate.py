@@ -119,27 +119,16 @@ CASES = [
 # lean modes (issue 16): one process, fp32, plain loss so the head's share is known exactly
 LEAN_CASES = [
     (
-        f"h256 LoRA r=16{', embeddings trained' if emb else ', adapters only'}, plain loss, "
-        "no ckpt, 2x256, accum 2",
+        f"h256 {'QLoRA' if q else 'LoRA'} r=16{', embeddings trained' if emb else ', adapters only'}"
+        ", plain loss, no ckpt, 2x256, accum 2",
         SMALL,
         dict(
             per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
             use_fused_loss=False, use_gradient_checkpointing=False, use_lora=True, lora_r=16,
-            lora_train_embeddings=emb,
+            lora_train_embeddings=emb, use_qlora=q,
         ),
     )
-    for emb in (True, False)
-] + [
-    (
-        f"h256 QLoRA r=16{', embeddings trained' if emb else ', adapters only'}, plain loss, "
-        "no ckpt, 2x256, accum 2",
-        SMALL,
-        dict(
-            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
-            use_fused_loss=False, use_gradient_checkpointing=False, use_lora=True, lora_r=16,
-            lora_train_embeddings=emb, use_qlora=True,
-        ),
-    )
+    for q in (False, True)
     for emb in (True, False)
 ] + [
     (
