@@ -1,7 +1,9 @@
-"""8-bit AdamW moments (``optimizer_states: 8bit``, bitsandbytes' AdamW8bit) against fp32 ones.
+"""Lean optimizer states against fp32 ones: 8-bit AdamW moments (``optimizer_states: 8bit``,
+bitsandbytes' AdamW8bit) and bf16 moments and Muon momentum (``optimizer_states: bf16``).
 
 References: the fp32 run of the same model, data and steps for the loss curve; a straight run for
-the resume (per-step losses ``==``); the tensors bitsandbytes really holds for "8-bit".
+the resume (per-step losses ``==``); the tensors really held for "8-bit" and "bf16";
+``torch.optim.AdamW`` and ``torch.optim.Muon`` for the bf16 optimizers' arithmetic.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def test_8bit_moments_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(optimizer_states="int4"), "optimizer_states: must be one of fp32, 8bit"),
+        (dict(optimizer_states="int4"), "optimizer_states: must be one of fp32, bf16, 8bit"),
         (
             dict(optimizer_states="8bit", fsdp_cpu_offload=True),
             "optimizer_states: 8bit does not run with fsdp_cpu_offload",
@@ -125,14 +127,175 @@ def test_bad_optimizer_states_name_the_field(fields, message):
         CPTConfig(model_name_or_path="m", **fields)
 
 
+def _trained(make, shapes, steps=6, seed=1):
+    """The parameters after ``steps`` steps of the optimizer ``make(groups)`` on fixed random
+    gradients: a 2-D tensor with weight decay, a 1-D one without and at its own lr."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).requires_grad_(True) for s in shapes]
+    groups = [{"params": params[:1], "weight_decay": 0.1}]
+    if len(params) > 1:
+        groups.append({"params": params[1:], "weight_decay": 0.0, "lr": 3e-3})
+    opt = make(groups)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt
+
+
+def test_bf16_adamw_is_torchs_adamw_with_bf16_moments():
+    from qwen_cpt.bf16_states import AdamWBF16
+
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    shapes = [(37, 19), (5,)]
+    ref, _ = _trained(lambda g: torch.optim.AdamW(g, foreach=False, **kw), shapes)
+    # with fp32 states the arithmetic is torch's single-tensor AdamW's, bit for bit
+    same, _ = _trained(lambda g: AdamWBF16(g, state_dtype=torch.float32, **kw), shapes)
+    assert all(torch.equal(a, b) for a, b in zip(ref, same))
+    # bf16 moments: both really bf16, and the weights within bf16's rounding of the update.
+    # Each step moves a weight by at most lr (Adam's normalized step); the moments' relative
+    # rounding error (2^-8 at most) changes m / sqrt(v) by about 2^-8, so after 6 steps the
+    # weights differ by well under 6 * lr * 2^-7 = 5e-4. A lost bias correction or a wrong
+    # beta moves them by > 1e-3.
+    got, opt = _trained(lambda g: AdamWBF16(g, **kw), shapes)
+    state = opt.state[got[0]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    diff = max((a - b).abs().max().item() for a, b in zip(ref, got))
+    assert 0 < diff < 5e-4, diff
+    # the weights go on being fp32 (the master copy)
+    assert all(p.dtype == torch.float32 for p in got)
+
+
+def test_stochastic_rounding_keeps_small_updates_that_rounding_to_nearest_loses():
+    """A second moment at 1.0 moving toward g^2 = 1.5 with beta2 = 0.999: each step adds 5e-4,
+    under half bf16's spacing at 1.0 (2^-7 / 2 = 3.9e-3). Rounded to nearest it never moves;
+    stochastically rounded it follows fp32 in the mean, element by element unbiased."""
+    from qwen_cpt.bf16_states import stochastic_round_
+
+    n, beta2, steps = 20_000, 0.999, 300
+    exact = torch.ones(n)
+    nearest = torch.ones(n, dtype=torch.bfloat16)
+    sr = torch.ones(n, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        exact.mul_(beta2).add_(1.5 * (1 - beta2))
+        nearest = (nearest.float() * beta2 + 1.5 * (1 - beta2)).bfloat16()
+        stochastic_round_(sr, sr.float() * beta2 + 1.5 * (1 - beta2), gen)
+    target = exact[0].item()  # 1.5 - 0.5 * 0.999^300 = 1.130
+    assert torch.all(nearest == 1.0)
+    # per element the rounding error is a martingale of at most one spacing per step, so the
+    # mean of 20,000 elements is within a few 1e-4 of exact; the bound is 3e-3
+    assert abs(sr.float().mean().item() - target) < 3e-3, (sr.float().mean(), target)
+    # exact values stay exact, signs and non-finite values are kept
+    src = torch.tensor([1.0, -2.5, 0.0, float("inf"), float("-inf"), 3.0e38])
+    out = torch.empty(6, dtype=torch.bfloat16)
+    stochastic_round_(out, src, gen)
+    assert out[:5].tolist() == [1.0, -2.5, 0.0, float("inf"), float("-inf")]
+    assert torch.isnan(_rounded(float("nan")))
+    # negative values round away from zero as often as positive ones round up
+    pos = _rounded(1 + 2**-9, n=20_000).float().mean() - 1
+    neg = -(_rounded(-(1 + 2**-9), n=20_000).float().mean() + 1)
+    assert abs(pos - 2**-9) < 4e-4 and abs(neg - 2**-9) < 4e-4, (pos, neg)
+
+
+def _rounded(value: float, n: int = 1) -> torch.Tensor:
+    from qwen_cpt.bf16_states import stochastic_round_
+
+    out = torch.empty(n, dtype=torch.bfloat16)
+    stochastic_round_(out, torch.full((n,), value), torch.Generator().manual_seed(n))
+    return out
+
+
+def test_muon_with_bf16_momentum_against_torch_muon():
+    from qwen_cpt.muon import DistributedMuon
+
+    kw = dict(
+        lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
+    shapes = [(16, 24), (32, 8)]
+
+    def muon(make):
+        return _trained(lambda groups: make([p for g in groups for p in g["params"]]), shapes)
+
+    ref, _ = muon(lambda ps: torch.optim.Muon(ps, **kw))
+    same, _ = muon(lambda ps: DistributedMuon(ps, **kw))  # fp32 momentum, one process
+    assert all(torch.equal(a, b) for a, b in zip(ref, same))
+    got, opt = muon(lambda ps: DistributedMuon(ps, momentum_dtype=torch.bfloat16, **kw))
+    assert opt.state[got[0]]["momentum_buffer"].dtype == torch.bfloat16
+    # Newton-Schulz already starts from a bf16 copy of the update, so the momentum's rounding
+    # adds an error of the same order: measured 4e-4 over 6 steps of lr 0.02 (adjusted to
+    # 0.02 * 0.2 * sqrt(32) = 0.023 per step); bound 2e-3, a tenth of one step
+    diff = max((a - b).abs().max().item() for a, b in zip(ref, got))
+    assert 0 < diff < 2e-3, diff
+
+
+@pytest.mark.parametrize("muon", [False, True], ids=["adamw", "muon"])
+def test_bf16_states_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    data = _write_data(tmp_path)
+    kw = dict(STEPS, use_muon_optimizer=muon)
+    fp32 = tmp_path / "fp32"
+    CPTTrainer(_cfg(tiny64, fp32, data, **kw)).train()
+    half = tmp_path / "bf16"
+    CPTTrainer(_cfg(tiny64, half, data, optimizer_states="bf16", **kw)).train()
+
+    # the checkpoint holds bf16 moments (and Muon's bf16 momentum): half the fp32 state
+    def held(ckpt):
+        meta = FileSystemReader(str(ckpt / "state")).read_metadata()
+        return {
+            k: v.properties.dtype
+            for k, v in meta.state_dict_metadata.items()
+            if k.endswith((".exp_avg", ".exp_avg_sq", ".momentum_buffer"))
+        }
+
+    states = held(half / "checkpoint-4")
+    assert states and set(states.values()) == {torch.bfloat16}, states
+    assert any(k.endswith(".momentum_buffer") for k in states) == muon
+    ratio = _state_bytes(half / "checkpoint-4") / _state_bytes(fp32 / "checkpoint-4")
+    assert 0.45 < ratio < 0.55, ratio
+
+    # the loss curve follows fp32's: step 1 sees the same weights, and after it the moments
+    # differ by bf16's unbiased rounding (2^-9 relative on average). Measured here: at most
+    # 2.6e-5 (AdamW) and 2.4e-5 (Muon) relative over 8 steps; the bound is 1e-3 (a 10% error
+    # in the learning rate or a missed bias correction moves these losses by more than 1e-2).
+    ref, got = _losses(fp32), _losses(half)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    assert got[1] == ref[1]
+    worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
+    assert worst <= 1e-3, (worst, ref, got)
+    assert got != ref
+    evals, ref_evals = _eval_losses(half), _eval_losses(fp32)
+    assert evals[-1] < evals[0]
+    assert abs(evals[-1] - ref_evals[-1]) <= 1e-3 * ref_evals[-1]
+
+    # resumed from checkpoint-4: the same losses as the straight bf16 run, bit for bit (the
+    # rounding noise is seeded by the step, so it repeats)
+    resumed = tmp_path / "resumed"
+    ckpt = half / "checkpoint-4"
+    CPTTrainer(
+        _cfg(tiny64, resumed, data, optimizer_states="bf16", resume_from_checkpoint=str(ckpt), **kw)
+    ).train()
+    after = _losses(resumed)
+    assert sorted(after) == [5, 6, 7, 8]
+    assert [after[s] for s in after] == [got[s] for s in after]
+    # and they stayed bf16 through the load (torch's load_state_dict casts states to fp32)
+    assert set(held(resumed / "checkpoint-8").values()) == {torch.bfloat16}
+    with pytest.raises(Exception, match="optimizer_states: the checkpoint has 'bf16'"):
+        CPTTrainer(
+            _cfg(tiny64, tmp_path / "other", data, resume_from_checkpoint=str(ckpt), **kw)
+        ).train()
+
+
 def test_8bit_under_fsdp_or_without_bitsandbytes_is_one_line(monkeypatch):
     from qwen_cpt.distributed import World
     from qwen_cpt.lean import check_world
 
-    cfg = CPTConfig(model_name_or_path="m", optimizer_states="8bit")
-    with pytest.raises(ConfigError, match="optimizer_states: 8bit runs on one process only") as e:
-        check_world(cfg, World(rank=0, size=2, sharded=True))
-    assert "\n" not in e.value.errors[0]
+    for states in ("bf16", "8bit"):
+        cfg = CPTConfig(model_name_or_path="m", optimizer_states=states)
+        with pytest.raises(ConfigError, match=f"{states} runs on one process only") as e:
+            check_world(cfg, World(rank=0, size=2, sharded=True))
+        assert "\n" not in e.value.errors[0]
     check_world(cfg, World())  # one process, bitsandbytes installed: fine
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"8bit needs bitsandbytes .*qwen-cpt\[lean\]") as e:
@@ -165,3 +328,24 @@ def test_planner_counts_8bit_moments():
     # on CPU the step dequantizes the largest tensor's moments: 20 B per element (measured)
     cpu = estimate_memory(QWEN_7B, optimizer_states="8bit", micro_batch=1, seq_len=64, device="cpu")
     assert cpu.components["optimizer_step_temp"] == 20.0 * max(p.embedding, p.lm_head)
+
+
+def test_planner_counts_bf16_states():
+    from qwen_cpt.planner.shapes import count_params
+
+    p = count_params(QWEN_7B)
+    kw = dict(micro_batch=1, seq_len=2048, device="cuda")
+    for optimizer, fp32_bytes, bf16_bytes in (
+        ("adamw", 8.0 * p.total, 4.0 * p.total),
+        # Muon: one momentum on the hidden matrices, AdamW's two moments on the rest
+        ("muon", 4.0 * p.matrices + 8.0 * p.adamw_only, 2.0 * p.matrices + 4.0 * p.adamw_only),
+    ):
+        fp32 = estimate_memory(QWEN_7B, optimizer=optimizer, **kw)
+        half = estimate_memory(QWEN_7B, optimizer=optimizer, optimizer_states="bf16", **kw)
+        assert fp32.components["optimizer"] == pytest.approx(fp32_bytes)
+        assert half.components["optimizer"] == pytest.approx(bf16_bytes)
+        for key in ("weights", "grads", "activations", "logits"):
+            assert half.components[key] == fp32.components[key], key
+    # the step reads one 4M-element slice into fp32 at a time: 24 B per slice element
+    adamw = estimate_memory(QWEN_7B, optimizer_states="bf16", **kw)
+    assert adamw.components["optimizer_step_temp"] == 24.0 * 2**22

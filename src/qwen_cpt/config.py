@@ -25,7 +25,13 @@ from .errors import ConfigError
 
 SCHEDULERS = ("cosine", "constant", "wsd")
 NAN_POLICIES = ("abort", "skip")
-OPTIMIZER_STATES = ("fp32", "8bit")
+OPTIMIZER_STATES = ("fp32", "bf16", "8bit")
+TRAINING_MODES = ("manual", "auto")
+# the fields training_mode: auto sets (qwen_cpt.planner.mode); the config must leave them unset
+MODE_FIELDS = (
+    "fsdp_cpu_offload", "optimizer_states", "freeze_trainable_layers", "use_lora",
+    "lora_train_embeddings", "use_qlora",
+)  # fmt: skip
 ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
 AUTO = "auto"  # learning_rate and the batch fields may be "auto": see qwen_cpt.planner
 
@@ -133,9 +139,11 @@ class CPTConfig:
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
     optimizer_states: str = _f(
         "fp32",
-        "AdamW's two moments: fp32 (8 B/param), or 8bit: bitsandbytes' blockwise 8-bit AdamW "
-        "(Dettmers et al. 2021, arXiv 2110.02861), about 2 B/param, on CPU or CUDA, one process "
-        "(pip install 'qwen-cpt[lean]'). Muon's momentum stays fp32.",
+        "AdamW's two moments and Muon's momentum: fp32 (AdamW 8 B/param, Muon 4 B); bf16: both "
+        "in bf16 with stochastic rounding, fp32 arithmetic and weights (AdamW 4 B, Muon 2 B); or "
+        "8bit: bitsandbytes' blockwise 8-bit AdamW (Dettmers et al. 2021, arXiv 2110.02861), "
+        "about 2 B/param, Muon's momentum fp32 (pip install 'qwen-cpt[lean]'). bf16 and 8bit: "
+        "CPU or CUDA, one process.",
     )
 
     # --- lean modes: LoRA / DoRA and freeze-tuning (one GPU) --------------------------------------
@@ -175,6 +183,26 @@ class CPTConfig:
         0,
         "Freeze-tuning (LLaMA-Factory's freeze): train only the last k decoder layers and the "
         "final norm (plus embeddings and head with lora_train_embeddings). 0: off.",
+    )
+    training_mode: str = _f(
+        "manual",
+        "manual: train as the fields say. auto: at start-up, pick the mode most faithful to full "
+        "training whose estimated peak memory fits the device (qwen-cpt plan's list: full "
+        "training, CPU offload, bf16 or 8-bit optimizer states, freeze-tuning, LoRA, QLoRA), "
+        "log why, and save it in config.yaml (training_mode_chosen and the fields it set). "
+        "Leave fsdp_cpu_offload, optimizer_states, freeze_trainable_layers, use_lora and "
+        "use_qlora unset then; lora_r and the other lora_* fields shape LoRA if it is chosen. "
+        "A resume keeps the checkpoint's choice.",
+    )
+    training_mode_chosen: str | None = _f(
+        None,
+        "Written by the trainer with training_mode: auto: the mode it chose and why (keep it "
+        "when reusing a saved config.yaml; leave it unset otherwise).",
+    )
+    device_memory_gb: float | None = _f(
+        None,
+        "The memory, in GiB, that the auto fields (batch size, training_mode) plan for. None: "
+        "the GPU's total memory, or on a CPU the free RAM.",
     )
     seed: int = _f(42, "Random seed for weights init of new layers, data order and dropout.")
     deterministic: bool = _f(
@@ -573,8 +601,28 @@ def _lean_mode_errors(cfg: CPTConfig) -> list[str]:
     elif cfg.optimizer_states != "fp32" and cfg.fsdp_cpu_offload:
         errors.append(
             f"optimizer_states: {cfg.optimizer_states} does not run with fsdp_cpu_offload "
-            "(FSDP2 shards; bitsandbytes steps plain tensors); use one or the other"
+            "(it steps FSDP2 shards, which lean states do not support yet; offload keeps the "
+            "states in host memory anyway); use one or the other"
         )
+    if cfg.training_mode not in TRAINING_MODES:
+        errors.append(
+            f"training_mode: must be one of {', '.join(TRAINING_MODES)}, got {cfg.training_mode!r}"
+        )
+    elif cfg.training_mode == "auto" and cfg.training_mode_chosen is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        set_by_user = [
+            name for name in MODE_FIELDS
+            if name != "lora_train_embeddings" and getattr(cfg, name) != defaults[name]
+        ]  # fmt: skip
+        if set_by_user:
+            errors.append(
+                f"training_mode: auto chooses {', '.join(set_by_user)} itself; leave "
+                f"{'it' if len(set_by_user) == 1 else 'them'} unset, or use training_mode: "
+                "manual"
+            )
+    dm = cfg.device_memory_gb
+    if dm is not None and not (dm > 0 and math.isfinite(dm)):
+        errors.append(f"device_memory_gb: must be > 0 or None, got {dm}")
     if cfg.freeze_trainable_layers < 0:
         errors.append(f"freeze_trainable_layers: must be >= 0, got {cfg.freeze_trainable_layers}")
     if cfg.use_dora and not cfg.use_lora:

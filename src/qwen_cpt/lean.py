@@ -43,14 +43,19 @@ def lean_mode(cfg) -> str | None:
 
 
 def check_world(cfg, world) -> None:
-    """Refuse a lean mode or 8-bit optimizer states under FSDP2 (torchrun): not implemented,
-    and never silently wrong. Called before the model is loaded."""
-    if getattr(cfg, "optimizer_states", "fp32") != "fp32" and world.sharded:
+    """Refuse a lean mode or 8-bit/bf16 optimizer states under FSDP2 (torchrun): not
+    implemented, and never silently wrong. Called before the model is loaded."""
+    states = getattr(cfg, "optimizer_states", "fp32")
+    if states != "fp32" and world.sharded:
+        why = (
+            "bitsandbytes steps plain tensors, not DTensor shards"
+            if states == "8bit"
+            else "not tested on sharded parameters yet"
+        )
         raise ConfigError(
             [
-                f"optimizer_states: {cfg.optimizer_states} runs on one process only in this "
-                f"version, not under torchrun (FSDP2, {world.size} ranks: bitsandbytes steps "
-                "plain tensors, not DTensor shards); use fp32 states there"
+                f"optimizer_states: {states} runs on one process only in this version, not "
+                f"under torchrun (FSDP2, {world.size} ranks: {why}); use fp32 states there"
             ]
         )
     for needs_bnb, what in (

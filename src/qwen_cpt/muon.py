@@ -69,7 +69,12 @@ class DistributedMuon(torch.optim.Optimizer):
     by the world size are padded for the transfer only.
 
     Hyperparameters and state (``momentum_buffer``, sharded like the parameter, so DCP saves it
-    sharded) are those of ``torch.optim.Muon``.
+    sharded) are those of ``torch.optim.Muon``. ``momentum_dtype=torch.bfloat16``
+    (``optimizer_states: bf16``) keeps the momentum in bf16, 2 B per element: it is updated in
+    fp32 and stored with stochastic rounding (:mod:`qwen_cpt.bf16_states`), seeded by ``seed``,
+    a per-matrix step count and the matrix's index, so a resumed run rounds as a straight one.
+    On one process it also serves ``torch.optim.Muon``'s place for that mode, one matrix at a
+    time.
     """
 
     def __init__(
@@ -84,6 +89,8 @@ class DistributedMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         ns_device: torch.device | str | None = None,
+        momentum_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ):
         defaults = dict(
             lr=lr,
@@ -97,11 +104,22 @@ class DistributedMuon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.ns_device = None if ns_device is None else torch.device(ns_device)
+        if momentum_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"momentum_dtype: None, float32 or bfloat16, got {momentum_dtype}")
+        self.momentum_dtype = momentum_dtype
+        self.seed = seed
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D parameters only, got shape {tuple(p.shape)}")
                 _check_row_sharded(p)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.momentum_dtype is not None:
+            from .bf16_states import keep_dtype
+
+            keep_dtype(self, ("momentum_buffer",), self.momentum_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -109,26 +127,55 @@ class DistributedMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = 0
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            momentum = group["momentum"]
-            updates = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                grad, buf = _local(p.grad), _local(state["momentum_buffer"])
-                buf.lerp_(grad, 1 - momentum)
-                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            orthogonal = self._orthogonalize(params, updates, group)
-            lr, wd = group["lr"], group["weight_decay"]
-            for p, o in zip(params, orthogonal):
-                local = _local(p)
-                local.mul_(1 - lr * wd)
-                local.add_(
-                    o.to(local.device), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape)
-                )
+            params, indices = [], []
+            for p in group["params"]:
+                index += 1
+                if p.grad is not None:
+                    params.append(p)
+                    indices.append(index)
+            if not params:
+                continue
+            pg = _process_group(params[0])
+            if pg is None or dist.get_world_size(pg) == 1:
+                # one matrix at a time: one update (fp32, the size of the matrix) lives at once
+                for p, i in zip(params, indices):
+                    self._apply(p, self._newton_schulz(self._update(p, group, i), group), group)
+                continue
+            updates = [self._update(p, group, i) for p, i in zip(params, indices)]
+            for p, o in zip(params, self._orthogonalize(params, updates, group)):
+                self._apply(p, o, group)
         return loss
+
+    def _update(self, p: torch.Tensor, group: dict, index: int) -> torch.Tensor:
+        """Momentum (kept in ``momentum_dtype``), then the Nesterov update to orthogonalize."""
+        momentum = group["momentum"]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=self.momentum_dtype)
+        grad, buf = _local(p.grad), _local(state["momentum_buffer"])
+        if buf.dtype == grad.dtype:
+            buf.lerp_(grad, 1 - momentum)
+        else:  # bf16 momentum: update in fp32, store rounded stochastically
+            from .bf16_states import _seed, stochastic_round_
+
+            state["step"] = state.get("step", torch.tensor(0.0)) + 1
+            gen = torch.Generator(device=buf.device)
+            gen.manual_seed(_seed(self.seed, int(state["step"].item()), index))
+            full = buf.float()
+            full.lerp_(grad, 1 - momentum)
+            stochastic_round_(buf, full, gen)
+            buf = full
+        return grad.lerp(buf, momentum) if group["nesterov"] else buf
+
+    def _apply(self, p: torch.Tensor, orthogonal: torch.Tensor, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        local = _local(p)
+        local.mul_(1 - lr * wd)
+        local.add_(
+            orthogonal.to(local.device), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape)
+        )
 
     def _newton_schulz(self, full: torch.Tensor, group) -> torch.Tensor:
         device = self.ns_device or full.device
@@ -138,12 +185,8 @@ class DistributedMuon(torch.optim.Optimizer):
 
     def _orthogonalize(self, params, updates, group) -> list[torch.Tensor]:
         """Each update's rows of Newton-Schulz(the full update matrix)."""
-        if not params:
-            return []
         pg = _process_group(params[0])
-        world = 1 if pg is None else dist.get_world_size(pg)
-        if world == 1:
-            return [self._newton_schulz(u, group) for u in updates]
+        world = dist.get_world_size(pg)
         rank = dist.get_rank(pg)
         comm_device = updates[0].device
         out: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]

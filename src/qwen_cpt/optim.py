@@ -161,9 +161,12 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
             nesterov=True,
             adjust_lr_fn="match_rms_adamw",
         )
-        if sharded:
+        states = getattr(cfg, "optimizer_states", "fp32")
+        if sharded or states == "bf16":
             from .muon import DistributedMuon
 
+            if states == "bf16":
+                muon_args.update(momentum_dtype=torch.bfloat16, seed=getattr(cfg, "seed", 0))
             opts["muon"] = DistributedMuon(
                 [p for _, p in split.muon], ns_device=ns_device, **muon_args
             )
@@ -186,11 +189,22 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
         )
     else:
         log.info("optimizer: AdamW holds all %s parameters", f"{counts['adamw_params']:,}")
-    if "adamw" in opts and getattr(cfg, "optimizer_states", "fp32") == "8bit":
+    states = getattr(cfg, "optimizer_states", "fp32")
+    if "adamw" in opts and states == "8bit":
         log.info(
             "optimizer: AdamW's moments in 8 bits (bitsandbytes AdamW8bit, blockwise; tensors "
             "under %s elements keep fp32 moments)",
             f"{EIGHT_BIT_MIN_SIZE:,}",
+        )
+    elif states == "bf16":
+        log.info(
+            "optimizer: %s in bf16 with stochastic rounding (fp32 weights, gradients and "
+            "arithmetic)",
+            " and ".join(
+                x
+                for x, on in (("AdamW's moments", "adamw" in opts), ("Muon's momentum", split.muon))
+                if on
+            ),
         )
     return optimizers
 
@@ -201,13 +215,19 @@ EIGHT_BIT_MIN_SIZE = 4096
 
 
 def _adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """torch's AdamW (fused where it can be), or with ``optimizer_states: 8bit`` bitsandbytes'
+    """torch's AdamW (fused where it can be); with ``optimizer_states: 8bit`` bitsandbytes'
     AdamW8bit: the same update (decoupled decay, bias correction, per-group lr) with each
-    moment kept as 8-bit codes plus one fp32 scale per 256-element block."""
+    moment kept as 8-bit codes plus one fp32 scale per 256-element block; with ``bf16``
+    :class:`qwen_cpt.bf16_states.AdamWBF16`: bf16 moments, stochastically rounded."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    if getattr(cfg, "optimizer_states", "fp32") == "8bit":
+    states = getattr(cfg, "optimizer_states", "fp32")
+    if states == "8bit":
         bnb = import_bitsandbytes()
         return bnb.optim.AdamW8bit(groups, min_8bit_size=EIGHT_BIT_MIN_SIZE, **kw)
+    if states == "bf16":
+        from .bf16_states import AdamWBF16
+
+        return AdamWBF16(groups, seed=getattr(cfg, "seed", 0), **kw)
     return torch.optim.AdamW(
         groups, fused=_can_fuse([p for g in groups for p in g["params"]]), **kw
     )

@@ -21,7 +21,7 @@ from .checkpoint import (
     refuse_old_layout,
     verify,
 )
-from .config import AUTO, CPTConfig
+from .config import AUTO, ConfigError, CPTConfig
 
 log = logging.getLogger("qwen_cpt")
 
@@ -83,6 +83,30 @@ def find_checkpoint(cfg: CPTConfig, out: Path) -> Path | None:
     if problem:
         raise CheckpointError(f"resume_from_checkpoint: {spec!r} is not usable: {problem}")
     return path
+
+
+def saved_config(cfg: CPTConfig, out: Path) -> CPTConfig | None:
+    """The config a resume would continue (its checkpoint's config.yaml), read before the
+    checkpoint is verified: every checkpoint of a run holds the same training mode. None when
+    the run starts fresh."""
+    spec = cfg.resume_from_checkpoint
+    if spec is None:
+        return None
+    if spec == "auto":
+        found = sorted(
+            (int(p.name.split("-", 1)[1]), p)
+            for p in out.glob("checkpoint-*")
+            if p.name.split("-", 1)[1].isdigit() and (p / "config.yaml").is_file()
+        )
+        if not found:
+            return None
+        path = found[-1][1]
+    else:
+        path = Path(spec).expanduser()
+    try:
+        return CPTConfig.from_yaml(path / "config.yaml")
+    except (OSError, ConfigError):
+        return None  # resume.check names the problem later
 
 
 def take_auto_fields(cfg: CPTConfig, path: Path) -> None:

@@ -216,7 +216,8 @@ def _resolve_auto(cfg: CPTConfig, model, world: World, runtime, blocks: int) -> 
     chosen = world.on_main(  # on rank 0 (which holds the real weights), for the device
         lambda: resolve_auto(
             cfg, model, blocks * cfg.max_length, world_size=world.size,
-            device_memory_gb=_device_memory_gb(runtime.device), device=runtime.device.type,
+            device_memory_gb=cfg.device_memory_gb or _device_memory_gb(runtime.device),
+            device=runtime.device.type,
         )
     )  # fmt: skip
     for name, (value, rule) in chosen.items():
@@ -224,6 +225,47 @@ def _resolve_auto(cfg: CPTConfig, model, world: World, runtime, blocks: int) -> 
         log.info("%s: auto -> %s (%s)", name, value, rule)
     if chosen:
         cfg.validate()
+
+
+def choose_training_mode(cfg: CPTConfig, device: torch.device, out: Path) -> None:
+    """``training_mode: auto``: set the fields of the most faithful mode that fits the device
+    (:mod:`qwen_cpt.planner.mode`), before anything is loaded; a resume keeps its checkpoint's
+    choice. Logged, and kept in config.yaml as ``training_mode_chosen``."""
+    from .config import MODE_FIELDS
+    from .planner import GiB, PlannerError
+    from .planner.mode import NoModeFits, choose_mode, describe
+    from .planner.shapes import load_shape
+
+    saved = resume.saved_config(cfg, out)
+    if saved is not None and saved.training_mode_chosen is not None:
+        for name in MODE_FIELDS:
+            setattr(cfg, name, getattr(saved, name))
+        cfg.training_mode_chosen = saved.training_mode_chosen
+        log.info("training_mode: auto -> %s (from the checkpoint)", saved.training_mode_chosen)
+        cfg.validate()
+        return
+    try:
+        shape, _ = load_shape(cfg.model_name_or_path)
+    except PlannerError as exc:
+        raise ConfigError([f"training_mode: auto needs the model's shape: {exc}"]) from None
+    import psutil
+
+    free = float(psutil.virtual_memory().available)  # nothing is loaded yet
+    gb = cfg.device_memory_gb or _device_memory_gb(device) or free / GiB  # on a CPU: free RAM
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    try:
+        flags, why = choose_mode(
+            cfg, shape, world_size=world_size, device=device.type, capacity_bytes=gb * GiB,
+            host_bytes=free / max(1, per_node),  # offload's host share of each process
+        )  # fmt: skip
+    except NoModeFits as exc:
+        raise ConfigError([str(exc)]) from None
+    for name, value in flags.items():
+        setattr(cfg, name, value)
+    cfg.training_mode_chosen = f"{describe(flags)} ({why})"
+    log.info("training_mode: auto -> %s", cfg.training_mode_chosen)
+    cfg.validate()
 
 
 def _choose_gradient_sync(cfg: CPTConfig, model, world: World, runtime) -> bool:

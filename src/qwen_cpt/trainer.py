@@ -40,6 +40,7 @@ from .run import (
     build_run,
     check_texts,
     check_writable,
+    choose_training_mode,
     log_done,
     log_setup,
     open_data,
@@ -120,6 +121,8 @@ class CPTTrainer:
         runtime = resolve_runtime(
             cfg.device, cfg.use_bf16, cfg.use_flash_attention, cfg.attention_implementation
         )
+        if cfg.training_mode == "auto" and cfg.training_mode_chosen is None:
+            choose_training_mode(cfg, runtime.device, out)  # before the world: offload shapes it
         world = World.create(runtime.device, cfg.fsdp_cpu_offload, cfg.distributed_timeout_minutes)
         runtime = dataclasses.replace(runtime, device=world.device)
         self.state, self._stop_signal, data = TrainState(), None, None

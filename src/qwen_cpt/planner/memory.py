@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..bf16_states import SLICE as _BF16_SLICE
+from ..bf16_states import SLICE_BYTES as _BF16_SLICE_BYTES
 from .base import GiB, PlannerError, _ConfigView, _positive
 from .shapes import ModelShape, ParamCounts, count_params
 
@@ -41,6 +43,9 @@ class MemoryEstimate:
     notes: dict[str, str]
     capacity: float | None = None
     grads_held_in_forward: bool = False  # gradient_accumulation_steps > 1
+    # host memory per process that the device does not hold: with fsdp_cpu_offload, the fp32
+    # weights, gradients and optimizer state (not part of ``peak``)
+    host: float = 0.0
 
     @property
     def peak(self) -> float:
@@ -251,13 +256,18 @@ def estimate_memory(
       momentum on the hidden matrices (4 B) and AdamW's 8 B on embeddings, head, norms, biases;
       ``optimizer_states="8bit"`` (bitsandbytes' AdamW8bit): AdamW's 2-D tensors keep two uint8
       moments and an fp32 scale per 256-element block each, 2.03 B/param; 1-D ones stay fp32;
+      ``optimizer_states="bf16"`` (:mod:`qwen_cpt.bf16_states`): AdamW's moments in bf16,
+      4 B/param, and Muon's momentum in bf16, 2 B;
     - optimizer_step_temp: ``adamw_impl="fused"`` (the trainer's choice on CPU and CUDA) has
       no temporaries; PyTorch's ``"foreach"`` AdamW allocates one sqrt(v) buffer for a whole
       parameter group, 4 B/param; ``"single"`` (the per-tensor loop) two buffers the size of
       the largest parameter. Muon adds Newton-Schulz on the largest matrix: a few bf16 copies
       and one fp32 update, about 10 B per element. 8-bit AdamW has none on CUDA (one fused
       kernel); on CPU it dequantizes both moments of one tensor to fp32 and computes the update
-      with two more fp32 buffers: 20 B per element of the largest tensor (measured);
+      with two more fp32 buffers: 20 B per element of the largest tensor (measured). bf16
+      states are read into fp32 a slice of 4M elements at a time (24 B per slice element), and
+      Muon's bf16 momentum adds its fp32 copy and the rounding's buffers: 14 B per element of
+      the largest matrix instead of 10;
     - weight_copies: autocast's cached bf16 copies of every matmul weight, 2 B/param (CUDA bf16
       only; under FSDP the unsharded bf16 working set of about two blocks or the embedding);
     - activations: :func:`activation_bytes_per_token` x micro_batch x seq_len; ``packed_mask``
@@ -275,7 +285,9 @@ def estimate_memory(
     until then each rank also holds unsharded fp32 gradients (4 B/param), unless
     ``sync_every_micro_batch`` (``fsdp_sync_every_micro_batch``). ``cpu_offload``
     (``fsdp_cpu_offload``): weights, gradients and optimizer state live in CPU memory and are
-    not counted; the device holds the unsharded working set of about two blocks.
+    not counted in ``peak`` but in ``host`` (fp32 weights and gradients, 8 B/param, plus the
+    optimizer state, per process); the device holds the unsharded working set of about two
+    blocks, in bf16 (fp32 without ``bf16``).
     ``lean`` (LoRA or freeze-tuning, one process): every weight is held in fp32 (4 B/param,
     adapters included), gradients and optimizer state only for what trains; autocast caches a
     bf16 copy only of weights that require grad (frozen ones are cast per use: one transient
@@ -285,8 +297,10 @@ def estimate_memory(
     _positive(micro_batch=micro_batch, seq_len=seq_len, world_size=world_size)
     if optimizer not in ("adamw", "muon"):
         raise PlannerError(f"optimizer: must be adamw or muon, got {optimizer!r}")
-    if optimizer_states not in ("fp32", "8bit"):
-        raise PlannerError(f"optimizer_states: must be fp32 or 8bit, got {optimizer_states!r}")
+    if optimizer_states not in ("fp32", "bf16", "8bit"):
+        raise PlannerError(
+            f"optimizer_states: must be fp32, bf16 or 8bit, got {optimizer_states!r}"
+        )
     if adamw_impl not in ("fused", "foreach", "single"):
         raise PlannerError(f"adamw_impl: must be fused, foreach or single, got {adamw_impl!r}")
     p = param_counts or count_params(shape)
@@ -303,11 +317,15 @@ def estimate_memory(
         adamw_group = p.total
         largest_adamw = max(p.embedding, p.lm_head, p.largest_matrix)
     else:
-        opt = 4.0 * p.matrices + _moment_bytes(tables, vectors, optimizer_states)
+        opt = _momentum_bytes(optimizer_states) * p.matrices + _moment_bytes(
+            tables, vectors, optimizer_states
+        )
         adamw_group = p.adamw_only
         largest_adamw = max(p.embedding, p.lm_head)
     if optimizer_states == "8bit":
         step_temp = 0.0 if cuda else EIGHT_BIT_CPU_STEP_BYTES * largest_adamw
+    elif optimizer_states == "bf16":
+        step_temp = BF16_SLICE_BYTES * min(BF16_SLICE, largest_adamw)
     else:
         step_temp = {
             "fused": 0.0,
@@ -315,13 +333,13 @@ def estimate_memory(
             "single": 8.0 * max(p.embedding, p.largest_matrix),
         }[adamw_impl]
     if optimizer == "muon":
-        step_temp += 10.0 * p.largest_matrix
+        step_temp += _muon_temp_bytes(optimizer_states) * p.largest_matrix
 
     sharded = world_size > 1 or cpu_offload
     if bf16 and cuda and not sharded:
         copies = 2.0 * matmul_params
-    elif sharded:
-        copies = 2.0 * 2 * max(p.per_layer, p.embedding)
+    elif sharded:  # FSDP2 unshards in the compute dtype (MixedPrecisionPolicy: bf16, else fp32)
+        copies = (2.0 if bf16 else 4.0) * 2 * max(p.per_layer, p.embedding)
     else:
         copies = 0.0
 
@@ -384,7 +402,8 @@ def estimate_memory(
         "optimizer": (
             f"AdamW: 2 {_MOMENTS[optimizer_states]}"
             if optimizer == "adamw"
-            else "Muon: 1 fp32 momentum on hidden matrices (4 B), AdamW on the rest "
+            else f"Muon: 1 {'bf16' if optimizer_states == 'bf16' else 'fp32'} momentum on "
+            f"hidden matrices ({_momentum_bytes(optimizer_states):.0f} B), AdamW on the rest "
             f"({_MOMENTS[optimizer_states]})"
         )
         + shard_note,
@@ -395,6 +414,8 @@ def estimate_memory(
                 else "8-bit AdamW on CPU: fp32 moments and update of its largest tensor, 20 B/element"
             )
             if optimizer_states == "8bit"
+            else "bf16 states: fp32 copies of one 4M-element slice at a time"
+            if optimizer_states == "bf16"
             else {
                 "fused": "fused AdamW: none",
                 "foreach": "foreach AdamW's sqrt(v) buffer, 4 B/param of its group",
@@ -437,6 +458,7 @@ def estimate_memory(
         notes=notes,
         capacity=capacity_bytes,
         grads_held_in_forward=gradient_accumulation_steps > 1,
+        host=(8.0 * p.total + opt) / shards if cpu_offload else 0.0,
     )
 
 
@@ -448,14 +470,34 @@ EIGHT_BIT_CPU_STEP_BYTES = 20.0  # measured: peak RSS of one CPU step over the t
 # QLoRA's NF4 with double quantization (Dettmers et al. 2023): 4 bits per weight, an 8-bit
 # scale per 64-weight block and an fp32 scale per 256 blocks: 4.127 bits
 NF4_BYTES = 0.5 + 1.0 / 64 + 4.0 / (64 * 256)
-_MOMENTS = {"fp32": "fp32 moments, 8 B/param", "8bit": "8-bit moments, 2.03 B/param (1-D: 8 B)"}
+# optimizer_states: bf16 (qwen_cpt.bf16_states): the slice read into fp32 at a time, and its bytes
+BF16_SLICE = float(_BF16_SLICE)
+BF16_SLICE_BYTES = float(_BF16_SLICE_BYTES)
+_MOMENTS = {
+    "fp32": "fp32 moments, 8 B/param",
+    "bf16": "bf16 moments, 4 B/param",
+    "8bit": "8-bit moments, 2.03 B/param (1-D: 8 B)",
+}
 
 
 def _moment_bytes(n_2d: float, n_1d: float, states: str) -> float:
     """AdamW's moment bytes for ``n_2d`` matrix and ``n_1d`` vector parameters."""
     if states == "8bit":
         return EIGHT_BIT_BYTES * n_2d + 8.0 * n_1d
+    if states == "bf16":
+        return 4.0 * (n_2d + n_1d)
     return 8.0 * (n_2d + n_1d)
+
+
+def _momentum_bytes(states: str) -> float:
+    """Muon's momentum bytes per element (bitsandbytes' 8-bit covers AdamW only)."""
+    return 2.0 if states == "bf16" else 4.0
+
+
+def _muon_temp_bytes(states: str) -> float:
+    """Muon's step temporaries per element of its largest matrix: the update and Newton-Schulz's
+    bf16 copies (10 B), with bf16 momentum also its fp32 copy and the rounding's buffers."""
+    return 14.0 if states == "bf16" else 10.0
 
 
 def _lean_memory(
@@ -485,7 +527,8 @@ def _lean_memory(
     opt = (
         _moment_bytes(trainable, 0, optimizer_states)
         if optimizer == "adamw"
-        else 4.0 * matrices + _moment_bytes(trainable - matrices, 0, optimizer_states)
+        else _momentum_bytes(optimizer_states) * matrices
+        + _moment_bytes(trainable - matrices, 0, optimizer_states)
     )
     largest_trained = lean.lora_r * max(i + o for _, i, o in _linears(shape)) if lean.lora_r else 0
     if lean.freeze_layers:
@@ -501,8 +544,12 @@ def _lean_memory(
             else EIGHT_BIT_CPU_STEP_BYTES
             * max(tables_trained, 0 if optimizer == "muon" else largest_trained)
         )
+    elif optimizer_states == "bf16":
+        tables_trained = max(p.embedding, p.lm_head) if lean.train_embeddings else 0
+        largest_adamw = max(tables_trained, 0 if optimizer == "muon" else largest_trained)
+        step_temp = BF16_SLICE_BYTES * min(BF16_SLICE, largest_adamw)
     if optimizer == "muon":
-        step_temp += 10.0 * largest_trained
+        step_temp += _muon_temp_bytes(optimizer_states) * largest_trained
     copies = 0.0
     if bf16 and cuda:  # cached copies of trained matmul weights, one transient frozen one
         trained_matmul = matrices + (table if lean.train_embeddings else 0)
@@ -547,13 +594,21 @@ def _lean_memory(
         ),
         "grads": f"fp32 gradients of the {trainable:,} trained parameters",
         "optimizer": (
-            ("AdamW" if optimizer == "adamw" else "Muon 4 B on matrices, AdamW")
-            + (": 8 B" if optimizer_states == "fp32" else ": 8-bit moments, 2.03 B")
+            (
+                "AdamW"
+                if optimizer == "adamw"
+                else f"Muon {_momentum_bytes(optimizer_states):.0f} B on matrices, AdamW"
+            )
+            + {"fp32": ": 8 B", "bf16": ": bf16 moments, 4 B", "8bit": ": 8-bit moments, 2.03 B"}[
+                optimizer_states
+            ]
         )
         + " per trained parameter",
         "optimizer_step_temp": (
             ("8-bit AdamW: none" if cuda else "8-bit AdamW on CPU: 20 B/element of its largest")
             if optimizer_states == "8bit"
+            else "bf16 states: one 4M-element fp32 slice at a time"
+            if optimizer_states == "bf16"
             else "fused AdamW: none"
             if adamw_impl == "fused"
             else adamw_impl

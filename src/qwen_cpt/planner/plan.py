@@ -157,36 +157,47 @@ def _suggestions(cfg, shape, p, micro, accum, world, device, capacity) -> list[s
     return out
 
 
-def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dict[str, Any]]:
+def lean_modes(
+    cfg, shape, p, micro, accum, gpus, capacity, seconds, device="cuda", every=False
+) -> list[dict[str, Any]]:
     """The modes that fit one device when full training does not, most faithful first.
 
     1. ``fsdp_cpu_offload``: full training, weights, gradients and optimizer state in host RAM;
        exact, but the host-device copies and the CPU optimizer step make it several times
        slower (not measured yet, so no speed is given);
-    2. full training with 8-bit AdamW moments (bitsandbytes): the same update to within the
-       moments' quantization error, 6 B/param less than fp32 moments, no slower;
+    2. full training with bf16 optimizer states (stochastic rounding): the same update to within
+       bf16's rounding of the moments (unbiased), 4 B/param less than fp32 AdamW moments;
+       then 8-bit AdamW moments (bitsandbytes): within the moments' blockwise quantization
+       error (about 1%), 6 B/param less than fp32 moments;
     3. freeze-tuning with the most trained layers that fit (a subset of full training);
     4. LoRA at ``lora_r`` with the embeddings and head trained (Unsloth's CPT recipe), then
        without them (adapters only: less memory, less like full CPT);
     5. QLoRA, the same two on a 4-bit NF4 base: least memory, and the base itself is changed
        by its quantization error.
     Each with its peak, its FLOPs over full training's and the flags to set. One process only:
-    the lean modes do not run under torchrun in this version.
+    the lean modes do not run under torchrun in this version. ``every``: all of them, each
+    with ``fits`` (else only those that fit); ``device``: "cuda" or "cpu".
     """
     import dataclasses
 
     limit = USABLE_FRACTION * capacity
-    base = dataclasses.replace(
-        cfg, use_lora=False, use_dora=False, use_qlora=False, freeze_trainable_layers=0
+    base = dataclasses.replace(  # each candidate is a plain (manual) config of its own
+        cfg,
+        use_lora=False,
+        use_dora=False,
+        use_qlora=False,
+        freeze_trainable_layers=0,
+        training_mode="manual",
     )
 
     def mode(name: str, flags: dict, view) -> dict[str, Any]:
-        mem = _memory_for(view, shape, p, micro, 1, "cuda", capacity, accum)
+        mem = _memory_for(view, shape, p, micro, 1, device, capacity, accum)
         factor = lean_compute_factor(shape, p, lean_mode_of(view))
         return {
             "mode": name,
             "flags": flags,
             "peak_gib": mem.peak / GiB,
+            "host_gib": mem.host / GiB,
             "fits": mem.peak <= limit,
             "compute_vs_full": factor,
             "hours": None if flags.get("fsdp_cpu_offload") else seconds * factor / gpus / 3600,
@@ -197,12 +208,15 @@ def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dic
         out.append(mode("full training, CPU offload", {"fsdp_cpu_offload": True},
                         dataclasses.replace(base, fsdp_cpu_offload=True)))  # fmt: skip
     if getattr(cfg, "optimizer_states", "fp32") == "fp32":
+        out.append(mode("full training, bf16 optimizer states", {"optimizer_states": "bf16"},
+                        dataclasses.replace(base, optimizer_states="bf16")))  # fmt: skip
+    if getattr(cfg, "optimizer_states", "fp32") in ("fp32", "bf16"):
         out.append(mode("full training, 8-bit AdamW states", {"optimizer_states": "8bit"},
                         dataclasses.replace(base, optimizer_states="8bit")))  # fmt: skip
     layers = [
         k for k in range(shape.num_layers - 1, 0, -1)
         if _memory_for(dataclasses.replace(base, freeze_trainable_layers=k), shape, p, micro, 1,
-                       "cuda", capacity, accum).peak <= limit
+                       device, capacity, accum).peak <= limit
     ]  # fmt: skip
     if layers:
         k = layers[0]
@@ -225,7 +239,7 @@ def lean_modes(cfg, shape, p, micro, accum, gpus, capacity, seconds) -> list[dic
                     view,
                 )
             )
-    return [m for m in out if m["fits"]]
+    return out if every else [m for m in out if m["fits"]]
 
 
 def make_plan(
@@ -283,8 +297,8 @@ def make_plan(
     if getattr(cfg, "fsdp_cpu_offload", False):
         notes.append(
             "fsdp_cpu_offload: weights, gradients and optimizer state are in host memory "
-            f"(about {(16 if not cfg.use_muon_optimizer else 12) * p.total / 2**30:.0f} GiB "
-            "beside the bf16 model); the time ignores the per-step host-device copies and the "
+            f"({mem.host / 2**30:.1f} GiB per process: fp32 weights and gradients, 8 B/param, "
+            "and the optimizer state); the time ignores the per-step host-device copies and the "
             "CPU optimizer step, which make offloaded runs several times slower (not measured)."
         )
     return Plan(
@@ -350,6 +364,7 @@ def make_plan(
             "modes_that_fit": []
             if mem.fits or lean or gpus > 1
             else lean_modes(cfg, shape, p, micro, accum, gpus, capacity, full_seconds * gpus),
+            "training_mode_auto": _auto_choice(cfg, shape, gpus, capacity),
         },
         time={
             "seconds": seconds,
@@ -361,6 +376,21 @@ def make_plan(
         },
         notes=notes,
     )
+
+
+def _auto_choice(cfg, shape, gpus: int, capacity: float) -> str | None:
+    """What ``training_mode: auto`` would choose on this GPU (None: the config is manual)."""
+    if getattr(cfg, "training_mode", "manual") != "auto":
+        return None
+    from .mode import NoModeFits, choose_mode, describe
+
+    try:
+        flags, why = choose_mode(
+            cfg, shape, world_size=gpus, device="cuda", capacity_bytes=capacity
+        )
+    except NoModeFits as exc:
+        return str(exc)
+    return f"{describe(flags)} ({why})"
 
 
 def format_plan(plan: Plan) -> str:
@@ -419,6 +449,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  {'peak':<20} {mem['peak_gib']:8.2f} GiB  -> {verdict}: {mem['peak_formula']}")
     if mem.get("lean_mode"):
         lines.append(f"  {'mode':<20} {mem['lean_mode']}")
+    if mem.get("training_mode_auto"):
+        lines.append(f"  {'training_mode: auto':<20} -> {mem['training_mode_auto']}")
     if mem["suggestions"]:
         lines.append("  to fit, change:")
         lines.extend(f"    - {s}" for s in mem["suggestions"])
