@@ -7,6 +7,9 @@ logits for the merged model, the base model's tensors for what must not change.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from safetensors.torch import load_file
 from qwen_cpt import CPTConfig, CPTTrainer
 from qwen_cpt.config import ConfigError
 
-from .test_resume import _cfg, _losses, _write_data
+from .test_resume import _cfg, _cli, _losses, _write_data
 
 IDS = torch.tensor([[9707, 11, 1879, 0, 151643, 785, 1156, 2610]])
 # lean runs train few tensors: a larger lr so that 4 steps move them
@@ -185,6 +188,71 @@ def test_freeze_tuning_trains_only_the_last_layers(tiny_qwen, tmp_path, full_che
             assert not torch.equal(t, after[name]), name
         elif not trained:
             assert torch.equal(t, after[name]), name
+
+
+# Issue #16: each lean mode is killed (SIGKILL) through the CLI and resumed with "auto"; its
+# per-step losses must equal (==) those of a straight run, step by step.
+KILLED = [
+    # adapters only, AdamW; dropout on the LoRA input: the RNG must resume too
+    ("qwen", dict(use_lora=True, lora_train_embeddings=False, lora_dropout=0.1)),
+    # DoRA with Muon on the adapter matrices (untied arch, tables frozen)
+    ("llama", dict(use_lora=True, use_dora=True, lora_train_embeddings=False,
+                   use_muon_optimizer=True)),
+    # LoRA plus the tied embeddings trained at their own lr
+    ("qwen", dict(use_lora=True, embedding_learning_rate=2e-3)),
+    # freeze-tuning: the last decoder layer and the final norm
+    ("qwen", dict(freeze_trainable_layers=1, lora_train_embeddings=False)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arch, kw", KILLED, ids=["lora-adapters-only", "dora-muon", "lora-embeddings", "freeze"]
+)
+def test_lean_modes_resume_exactly_after_sigkill(request, tmp_path, arch, kw):
+    base_path = request.getfixturevalue(f"tiny_{arch}")
+    data = _write_data(tmp_path)
+    kw = {**LEAN, "max_steps": 6, "save_steps": 1, **kw}
+    steps = range(1, 7)
+    straight = tmp_path / "straight"
+    CPTTrainer(_cfg(base_path, straight, data, **kw)).train()
+    ref = _losses(straight)
+    assert sorted(ref) == list(steps)
+
+    out = tmp_path / "killed"
+    cfg = _cfg(base_path, out, data, resume_from_checkpoint="auto", **kw)
+    proc = _cli(cfg, tmp_path, "killed", popen=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "checkpoint-2").is_dir():  # training on at step 3, maybe saving checkpoint-3
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: maybe mid-save
+    proc.communicate()  # reaps it and closes the pipe
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+
+    res = _cli(cfg, tmp_path, "killed")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed_at = re.search(r"resuming from \S+checkpoint-(\d+) at step (\d+)", res.stderr)
+    assert resumed_at, res.stderr[-3000:]
+    assert resumed_at[1] == resumed_at[2] and 2 <= int(resumed_at[2]) < 6  # a real resume
+    got = _losses(out)
+    assert sorted(got) == list(steps)
+    assert [got[s] for s in steps] == [ref[s] for s in steps]
+    evals = _eval_losses(out)  # step 0 from the killed run, the end from the resumed one
+    assert evals == _eval_losses(straight) and evals[-1] < evals[0]
+    assert not list(out.glob(".tmp-*"))
+
+    # final/: the merged plain HF model (the base's tensor names), plus adapter/ for LoRA
+    final = _weights(out / "final")
+    assert set(final) == set(_weights(base_path))
+    assert not any("lora" in n for n in final)
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file() == bool(
+        kw.get("use_lora")
+    )
+    straight_final = _weights(straight / "final")
+    assert all(torch.equal(t, straight_final[n]) for n, t in final.items())
 
 
 @pytest.mark.parametrize(
