@@ -9,6 +9,8 @@ Python's standard library sources with no replay. Every mode runs the same steps
 order and schedule, with AdamW:
 
 - full training, fp32 AdamW moments, at the demo's learning rate;
+- full training, bf16 AdamW moments, stochastically rounded (``optimizer_states: bf16``), the
+  same learning rate;
 - full training, 8-bit AdamW moments (``optimizer_states: 8bit``), the same learning rate;
 - freeze-tuning of the last of the base's 2 layers, embeddings and head trained;
 - LoRA r=16 on every linear layer, embeddings and head trained at the demo's rate (Unsloth's
@@ -16,7 +18,8 @@ order and schedule, with AdamW:
 - LoRA r=16, adapters only, at 5x the rate.
 
 It prints a Markdown table: each mode's domain and general eval loss before and after, the
-change, and the run's wall time. About 5 minutes on 2 cores.
+change, and the run's wall time. About 5 minutes on 2 cores. ``--only TEXT`` runs the modes
+whose name contains TEXT (``--only full,`` the three full-training ones).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="demo_output", help="where make demo keeps its base")
     ap.add_argument("--steps", type=int, default=CPT["steps"])
+    ap.add_argument("--only", default="", help="only the modes whose name contains this")
     args = ap.parse_args()
     out = Path(args.output)
     data = out / "data"
@@ -52,6 +56,7 @@ def main() -> int:
     lr = CPT["lr"]
     modes = {
         "full, fp32 AdamW": dict(),
+        "full, bf16 AdamW states": dict(optimizer_states="bf16"),
         "full, 8-bit AdamW states": dict(optimizer_states="8bit"),
         "freeze-tuning, last 1 of 2 layers + embeddings": dict(freeze_trainable_layers=1),
         "LoRA r=16 + embeddings (adapters at 5x lr)": dict(
@@ -65,6 +70,8 @@ def main() -> int:
     }  # fmt: skip
     rows = []
     for i, (name, fields) in enumerate(modes.items()):
+        if args.only not in name:
+            continue
         cfg = _run_config(base, out / f"lean-{i}", [domain], general[1], args.steps, lr)
         cfg = dataclasses.replace(cfg, use_muon_optimizer=False, **fields)
         print(f"{name}: {args.steps} steps ...", flush=True)

@@ -154,11 +154,24 @@ LEAN_CASES = [
     )
 ] + [
     (
-        f"h256 {opt} with 8-bit AdamW states, plain loss, no ckpt, 2x256, accum 2",
+        f"h256 {opt} with {'8-bit AdamW' if states == '8bit' else 'bf16'} states, plain loss, "
+        "no ckpt, 2x256, accum 2",
         SMALL,
         dict(
             per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
-            use_fused_loss=False, use_gradient_checkpointing=False, optimizer_states="8bit",
+            use_fused_loss=False, use_gradient_checkpointing=False, optimizer_states=states,
+            use_muon_optimizer=opt == "Muon",
+        ),
+    )
+    for states in ("8bit", "bf16")
+    for opt in ("AdamW", "Muon")
+] + [
+    (  # FSDP2's CPU offload on one process: on a CPU "device" and host are the same memory
+        f"h256 {opt} with fsdp_cpu_offload, plain loss, no ckpt, 2x256, accum 2",
+        SMALL,
+        dict(
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=256,
+            use_fused_loss=False, use_gradient_checkpointing=False, fsdp_cpu_offload=True,
             use_muon_optimizer=opt == "Muon",
         ),
     )
@@ -300,14 +313,17 @@ def run_case(model_dir: str, overrides: dict, out_dir: str, tuned_allocator: boo
         else measured.get("adamw_impl", "fused"),
         lean=lean_mode_of(cfg),
         optimizer_states=cfg.optimizer_states,
+        cpu_offload=cfg.fsdp_cpu_offload,
     )
     c = est.components
+    # with fsdp_cpu_offload the estimate splits device and host memory; here they are one
+    host = est.host
     return {
         "measured_static": measured["static"] - measured["baseline"],
         "measured_peak": measured["peak"] - measured["baseline"],
         "measured_load_peak": measured["load_peak"] - measured["baseline"],
-        "estimated_static": c["weights"] + c["grads"] + c["optimizer"] + c["loss_workspace"],
-        "estimated_peak": est.peak,
+        "estimated_static": c["weights"] + c["grads"] + c["optimizer"] + c["loss_workspace"] + host,
+        "estimated_peak": est.peak + host,
         "components": est.components,
         "adamw_impl": measured.get("adamw_impl", "-"),
         "wall_s": wall,
@@ -325,7 +341,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help='the first two cases, "live" only')
     ap.add_argument(
-        "--lean", action="store_true", help='the LoRA, freeze and 8-bit AdamW cases, "live" only'
+        "--lean",
+        action="store_true",
+        help='the LoRA, freeze, 8-bit/bf16 states and offload cases, "live" only',
     )
     ap.add_argument("--only", default="", help="only the cases whose name contains this")
     ap.add_argument("--child", help=argparse.SUPPRESS)
