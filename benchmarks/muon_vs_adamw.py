@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from qwen_cpt import make_tiny_model  # noqa: E402
-from qwen_cpt.demo import held_out, stdlib_corpus  # noqa: E402
+from qwen_cpt.demo import code_corpus, general_corpus, held_out  # noqa: E402
 from qwen_cpt.loss import lm_loss_sum  # noqa: E402
 from qwen_cpt.model import tune_cpu_allocator  # noqa: E402
 from qwen_cpt.optim import build_optimizers  # noqa: E402
@@ -64,12 +64,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # --- data --------------------------------------------------------------------------------------------
 
 
-def pack(docs: list[list[int]], seq: int) -> list[dict[str, torch.Tensor]]:
+def pack(docs: list[list[int]], seq: int, eos: int = EOS) -> list[dict[str, torch.Tensor]]:
     """Document-aware blocks as qwen_cpt packs them: eos after each document, positions
     restarting per document, the first token of each document masked from the loss."""
     ids, pos, labels = [], [], []
     for doc in docs:
-        doc = doc + [EOS]
+        doc = doc + [eos]
         ids += doc
         pos += list(range(len(doc)))
         labels += [-100] + doc[1:]
@@ -90,7 +90,8 @@ def batches(blocks, bs):
 
 
 def load_data(tokenizer, need_train_blocks: int):
-    corpus = stdlib_corpus()
+    # the pydoc topic pages and the stdlib sources (no man pages: only topic: and source: are read)
+    corpus = general_corpus(max_chars=0) + code_corpus()
     out = {}
     for kind, prefix in (("prose", "topic:"), ("code", "source:")):
         docs = [(n, t) for n, t in corpus if n.startswith(prefix)]
@@ -212,7 +213,7 @@ def plot(runs, keys, title, path):
     for ax, (key, label) in zip(axes[0], keys):
         for (kind, lr), curve in sorted(runs.items()):
             lrs = sorted({lr_ for k, lr_ in runs if k == kind})
-            ls = ["--", "-", ":"][lrs.index(lr) % 3]
+            ls = ["--", "-", ":", "-."][lrs.index(lr) % 4]
             color = "tab:blue" if kind == "adamw" else "tab:red"
             xs = [t / 1000 for t, _ in curve]
             ys = [v[key] for _, v in curve]

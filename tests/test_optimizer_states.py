@@ -49,15 +49,49 @@ def _eval_losses(out) -> list[float]:
     return [r["eval_loss"] for r in recs if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("muon", [False, True], ids=["adamw", "muon"])
-def test_8bit_moments_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
+def _follows_fp32_and_resumes(model, tmp_path, data, kw, states, fp32, lean):
+    """The lean run's per-step losses are within 1e-3 (relative) of the fp32 run's, differ from
+    them, and equal a resume's from checkpoint-4 bit for bit; held-out loss went down. Returns
+    the resumed run's folder."""
+    ref, got = _losses(fp32), _losses(lean)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    assert got[1] == ref[1]  # the same weights at step 1
+    worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
+    assert worst <= 1e-3, (worst, ref, got)
+    assert got != ref  # a different optimizer ran
+    evals, ref_evals = _eval_losses(lean), _eval_losses(fp32)
+    assert evals[-1] < evals[0]  # held-out loss went down
+    assert abs(evals[-1] - ref_evals[-1]) <= 1e-3 * ref_evals[-1]
+    resumed = tmp_path / "resumed"
+    ckpt = lean / "checkpoint-4"
+    cfg = _cfg(
+        model, resumed, data, optimizer_states=states, resume_from_checkpoint=str(ckpt), **kw
+    )
+    CPTTrainer(cfg).train()
+    after = _losses(resumed)
+    assert sorted(after) == [5, 6, 7, 8]
+    assert [after[s] for s in after] == [got[s] for s in after]
+    # resuming it with fp32 moments is refused before training, naming the field
+    with pytest.raises(Exception, match=f"optimizer_states: the checkpoint has '{states}'"):
+        CPTTrainer(
+            _cfg(model, tmp_path / "other", data, resume_from_checkpoint=str(ckpt), **kw)
+        ).train()
+    return resumed
+
+
+def _fp32_and_lean(model, tmp_path, muon: bool, states: str):
+    """``(data, fields, fp32 run, lean run)``: the same 8 steps with fp32 and ``states``."""
     data = _write_data(tmp_path)
     kw = dict(STEPS, use_muon_optimizer=muon)
-    fp32 = tmp_path / "fp32"
-    CPTTrainer(_cfg(tiny64, fp32, data, **kw)).train()
-    eight = tmp_path / "8bit"
-    trainer = CPTTrainer(_cfg(tiny64, eight, data, optimizer_states="8bit", **kw))
-    trainer.train()
+    fp32, lean = tmp_path / "fp32", tmp_path / states
+    CPTTrainer(_cfg(model, fp32, data, **kw)).train()
+    CPTTrainer(_cfg(model, lean, data, optimizer_states=states, **kw)).train()
+    return data, kw, fp32, lean
+
+
+@pytest.mark.parametrize("muon", [False, True], ids=["adamw", "muon"])
+def test_8bit_moments_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
+    data, kw, fp32, eight = _fp32_and_lean(tiny64, tmp_path, muon, "8bit")
 
     # the moments really are 8-bit: the checkpoint's AdamW state holds uint8 codes, one byte
     # per element, for the embedding and (without Muon) the hidden matrices, beside fp32 scales
@@ -85,31 +119,8 @@ def test_8bit_moments_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
     # error of about 1% per element that averages out over a tensor). Measured here: at most
     # 1.3e-4 relative over 12 steps. The bound, 1e-3, is 8x that; a 10% error in the learning
     # rate or a missed bias correction moves these losses by more than 1e-2.
-    ref, got = _losses(fp32), _losses(eight)
-    assert sorted(got) == sorted(ref) == list(range(1, 9))
-    assert got[1] == ref[1]
-    worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
-    assert worst <= 1e-3, (worst, ref, got)
-    assert got != ref  # a different optimizer ran
-    evals, ref_evals = _eval_losses(eight), _eval_losses(fp32)
-    assert evals[-1] < evals[0]  # held-out loss went down
-    assert abs(evals[-1] - ref_evals[-1]) <= 1e-3 * ref_evals[-1]
-
-    # resumed from checkpoint-4: the same losses as the straight 8-bit run, bit for bit
-    resumed = tmp_path / "resumed"
-    ckpt = eight / "checkpoint-4"
-    CPTTrainer(
-        _cfg(tiny64, resumed, data, optimizer_states="8bit", resume_from_checkpoint=str(ckpt), **kw)
-    ).train()
-    after = _losses(resumed)
-    assert sorted(after) == [5, 6, 7, 8]
-    assert [after[s] for s in after] == [got[s] for s in after]
-
-    # resuming it with fp32 moments is refused before training, naming the field
-    with pytest.raises(Exception, match="optimizer_states: the checkpoint has '8bit'"):
-        CPTTrainer(
-            _cfg(tiny64, tmp_path / "other", data, resume_from_checkpoint=str(ckpt), **kw)
-        ).train()
+    # Resumed from checkpoint-4: the same losses as the straight 8-bit run, bit for bit.
+    _follows_fp32_and_resumes(tiny64, tmp_path, data, kw, "8bit", fp32, eight)
 
 
 @pytest.mark.parametrize(
@@ -233,12 +244,7 @@ def test_muon_with_bf16_momentum_against_torch_muon():
 def test_bf16_states_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
     from torch.distributed.checkpoint import FileSystemReader
 
-    data = _write_data(tmp_path)
-    kw = dict(STEPS, use_muon_optimizer=muon)
-    fp32 = tmp_path / "fp32"
-    CPTTrainer(_cfg(tiny64, fp32, data, **kw)).train()
-    half = tmp_path / "bf16"
-    CPTTrainer(_cfg(tiny64, half, data, optimizer_states="bf16", **kw)).train()
+    data, kw, fp32, half = _fp32_and_lean(tiny64, tmp_path, muon, "bf16")
 
     # the checkpoint holds bf16 moments (and Muon's bf16 momentum): half the fp32 state
     def held(ckpt):
@@ -259,32 +265,10 @@ def test_bf16_states_track_fp32_and_resume_exactly(tiny64, tmp_path, muon):
     # differ by bf16's unbiased rounding (2^-9 relative on average). Measured here: at most
     # 2.6e-5 (AdamW) and 2.4e-5 (Muon) relative over 8 steps; the bound is 1e-3 (a 10% error
     # in the learning rate or a missed bias correction moves these losses by more than 1e-2).
-    ref, got = _losses(fp32), _losses(half)
-    assert sorted(got) == sorted(ref) == list(range(1, 9))
-    assert got[1] == ref[1]
-    worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
-    assert worst <= 1e-3, (worst, ref, got)
-    assert got != ref
-    evals, ref_evals = _eval_losses(half), _eval_losses(fp32)
-    assert evals[-1] < evals[0]
-    assert abs(evals[-1] - ref_evals[-1]) <= 1e-3 * ref_evals[-1]
-
-    # resumed from checkpoint-4: the same losses as the straight bf16 run, bit for bit (the
-    # rounding noise is seeded by the step, so it repeats)
-    resumed = tmp_path / "resumed"
-    ckpt = half / "checkpoint-4"
-    CPTTrainer(
-        _cfg(tiny64, resumed, data, optimizer_states="bf16", resume_from_checkpoint=str(ckpt), **kw)
-    ).train()
-    after = _losses(resumed)
-    assert sorted(after) == [5, 6, 7, 8]
-    assert [after[s] for s in after] == [got[s] for s in after]
+    # (the rounding noise is seeded by the step, so a resume repeats it)
+    resumed = _follows_fp32_and_resumes(tiny64, tmp_path, data, kw, "bf16", fp32, half)
     # and they stayed bf16 through the load (torch's load_state_dict casts states to fp32)
     assert set(held(resumed / "checkpoint-8").values()) == {torch.bfloat16}
-    with pytest.raises(Exception, match="optimizer_states: the checkpoint has 'bf16'"):
-        CPTTrainer(
-            _cfg(tiny64, tmp_path / "other", data, resume_from_checkpoint=str(ckpt), **kw)
-        ).train()
 
 
 def test_8bit_under_fsdp_or_without_bitsandbytes_is_one_line(monkeypatch):
@@ -349,3 +333,27 @@ def test_planner_counts_bf16_states():
     # the step reads one 4M-element slice into fp32 at a time: 24 B per slice element
     adamw = estimate_memory(QWEN_7B, optimizer_states="bf16", **kw)
     assert adamw.components["optimizer_step_temp"] == 24.0 * 2**22
+
+
+def test_muon_on_a_model_not_trained_with_muon_says_what_was_measured(tiny_qwen, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from qwen_cpt.optim import MUON_ON_ADAMW_MODEL, build_optimizers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    muon_run = tmp_path / "final"  # a qwen-cpt output whose run used Muon
+    shutil.copytree(tiny_qwen, muon_run)
+    (muon_run / "config.yaml").write_text("use_muon_optimizer: true\n")
+    for path, said in ((tiny_qwen, True), (muon_run, False)):
+        cfg = CPTConfig(model_name_or_path=str(path), use_muon_optimizer=True)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="qwen_cpt"):
+            build_optimizers(model, cfg)
+        assert (MUON_ON_ADAMW_MODEL in caplog.messages) == said, (path, caplog.messages)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qwen_cpt"):
+        build_optimizers(model, CPTConfig(model_name_or_path=tiny_qwen))  # AdamW: nothing said
+    assert MUON_ON_ADAMW_MODEL not in caplog.messages

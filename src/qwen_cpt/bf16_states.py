@@ -87,10 +87,7 @@ class AdamWBF16(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -147,6 +144,14 @@ def keep_dtype(optimizer: torch.optim.Optimizer, keys: tuple[str, ...], dtype) -
         for key in keys:
             if key in state and state[key].dtype != dtype:
                 state[key] = state[key].to(dtype)
+
+
+def evaluate_closure(closure):
+    """An optimizer's ``step(closure)`` contract: the loss, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _seed(seed: int, step: int, index: int) -> int:

@@ -123,10 +123,9 @@ class DistributedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        from .bf16_states import evaluate_closure
+
+        loss = evaluate_closure(closure)
         index = 0
         for group in self.param_groups:
             params, indices = [], []

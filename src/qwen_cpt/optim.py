@@ -187,6 +187,8 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
             len(split.muon),
             f"{counts['adamw_params']:,}",
         )
+        if not trained_with_muon(getattr(cfg, "model_name_or_path", None)):
+            log.info(MUON_ON_ADAMW_MODEL)
     else:
         log.info("optimizer: AdamW holds all %s parameters", f"{counts['adamw_params']:,}")
     states = getattr(cfg, "optimizer_states", "fp32")
@@ -207,6 +209,29 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
             ),
         )
     return optimizers
+
+
+# what benchmarks/muon_measured.py found (BENCHMARKS.md, "Muon vs AdamW again"): said once
+# when Muon continues a model that qwen-cpt did not train with Muon
+MUON_ON_ADAMW_MODEL = (
+    "optimizer: Muon on a model not trained with Muon: in our CPU measurement (3 seeds) full CPT "
+    "with Muon learned the domain no better than AdamW and forgot more; LoRA-Muon was slightly "
+    "better (BENCHMARKS.md)"
+)
+
+
+def trained_with_muon(model_dir) -> bool:
+    """Whether ``model_dir`` is a qwen-cpt output (its config.yaml) of a run with Muon. Other
+    models (the published Qwen2.5 among them) were pretrained with AdamW as far as we know."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(str(model_dir or "")) / "config.yaml"
+    try:
+        return bool(yaml.safe_load(path.read_text(encoding="utf-8")).get("use_muon_optimizer"))
+    except (OSError, AttributeError, yaml.YAMLError):
+        return False
 
 
 # bitsandbytes' default: smaller tensors (norm gains, biases) keep 32-bit moments, where 8-bit
