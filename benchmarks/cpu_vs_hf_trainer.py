@@ -14,7 +14,7 @@ fresh subprocess (so the peak RSS of one never counts for the other):
 - model: a tiny Qwen2.5-shaped model (``make_tiny_model``: hidden 128, 2 layers, GQA 4/2 heads,
   the real 151,936-row vocabulary, tied embeddings), random weights, fp32 (this CPU has no
   native bf16, where bf16 matmuls are about 3x slower than fp32);
-- text: Python standard-library sources (``qwen_cpt.demo.stdlib_corpus``);
+- text: Python standard-library sources (``qwen_cpt.demo.code_corpus``);
 - ours: ``CPTTrainer`` with its defaults (chunked LM-head loss, activation checkpointing,
   document-aware packing, SDPA, AdamW), only the run length and logging set;
 - HF: ``transformers.Trainer`` as ``examples/pytorch/language-modeling/run_clm.py`` sets it
@@ -58,9 +58,9 @@ def _status(key: str) -> int:
 
 
 def _texts(n_tokens_needed: int) -> list[str]:
-    from qwen_cpt.demo import stdlib_corpus
+    from qwen_cpt.demo import code_corpus
 
-    docs = [t for name, t in stdlib_corpus() if name.startswith("source:")]
+    docs = [t for _, t in code_corpus()]
     out, chars = [], 0
     for t in docs:  # about 3.6 characters per token; take twice what the steps read
         out.append(t)

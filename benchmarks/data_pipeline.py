@@ -74,9 +74,14 @@ RUNNER = textwrap.dedent(
 
 
 def make_corpus(directory: Path, megabytes: float) -> list[str]:
-    from qwen_cpt.demo import stdlib_corpus
+    from qwen_cpt.demo import code_corpus, general_corpus
 
-    docs = [t for _, t in stdlib_corpus()]
+    # pydoc topics and stdlib sources (stdlib_corpus before the demo split it in two)
+    docs = [
+        t
+        for n, t in general_corpus(max_chars=0) + code_corpus()
+        if n.startswith(("topic:", "source:"))
+    ]
     directory.mkdir(parents=True, exist_ok=True)
     target = int(megabytes * 1e6)
     files, written, k = [], 0, 0

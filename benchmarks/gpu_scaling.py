@@ -87,9 +87,14 @@ def build_model(name: str, directory: Path) -> Path:
 
 def write_corpus(path: Path, tokens: int) -> Path:
     """JSONL of stdlib documents, cycled until it holds about ``DATA_MARGIN`` x ``tokens``."""
-    from qwen_cpt.demo import stdlib_corpus
+    from qwen_cpt.demo import code_corpus, general_corpus
 
-    docs = [text for _, text in stdlib_corpus()]
+    # pydoc topics and stdlib sources (stdlib_corpus before the demo split it in two)
+    docs = [
+        text
+        for n, text in general_corpus(max_chars=0) + code_corpus()
+        if n.startswith(("topic:", "source:"))
+    ]
     want = tokens * CHARS_PER_TOKEN * DATA_MARGIN
     chars, i = 0, 0
     with open(path, "w", encoding="utf-8") as fh:
