@@ -167,3 +167,10 @@ def test_a_7b_on_one_a100_40gb_gets_a_mode_that_fits():
     flags, why = choose_mode(cfg, shape, world_size=1, device="cuda", capacity_bytes=40 * GiB)
     assert flags == {"fsdp_cpu_offload": True}, why  # exact full training, on the host
     assert "full training needs 109.8 GiB" in why
+    # qwen-cpt plan says the same, with the host memory offload needs
+    from qwen_cpt.planner import format_plan, lookup_gpu, make_plan
+
+    text = format_plan(make_plan(cfg, shape, 10**8, gpu=lookup_gpu("A100"), gpu_memory_gib=40))
+    line = next(x for x in text.splitlines() if "training_mode: auto" in x)
+    assert "-> full training, CPU offload (needs 9.5 GiB" in line, line
+    assert "GiB of host memory per process, checked at start-up" in line, line

@@ -390,6 +390,13 @@ def _auto_choice(cfg, shape, gpus: int, capacity: float) -> str | None:
         )
     except NoModeFits as exc:
         return str(exc)
+    if flags.get("fsdp_cpu_offload"):  # the trainer checks the host's free memory; say how much
+        import dataclasses
+
+        view = dataclasses.replace(cfg, training_mode="manual", fsdp_cpu_offload=True)
+        micro = 1 if cfg.per_device_train_batch_size == AUTO else cfg.per_device_train_batch_size
+        host = _memory_for(view, shape, count_params(shape), micro, gpus, "cuda", capacity).host
+        why += f"; it needs {host / GiB:.0f} GiB of host memory per process, checked at start-up"
     return f"{describe(flags)} ({why})"
 
 
