@@ -296,3 +296,52 @@ def test_too_many_freeze_layers_and_unknown_targets_name_the_field(tiny_qwen, tm
         with pytest.raises(ConfigError, match=msg):
             CPTTrainer(_cfg(tiny_qwen, tmp_path / "o", data, max_steps=1, **kw)).train()
         assert not (tmp_path / "o").exists()
+
+
+def test_lora_under_bf16_autocast_holds_the_frozen_base_in_bf16(tiny_qwen, tmp_path, monkeypatch):
+    """On a GPU (or a CPU with native bf16) LoRA keeps the frozen base in bf16, what trains in
+    fp32. Here a CPU is made to take the bf16 path: the same code a GPU runs."""
+    from transformers import AutoModelForCausalLM
+
+    import qwen_cpt.model as model_mod
+
+    monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: True)
+    kw = dict(use_lora=True, use_bf16=True, embedding_learning_rate=2e-3)
+    trainer, straight, resumed = _straight_and_resumed(tiny_qwen, tmp_path, **kw)
+    ref, got = _losses(straight), _losses(resumed)
+    assert [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)]  # resume ==
+    evals = _eval_losses(straight)
+    assert evals[-1] < evals[0]
+    dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
+
+    # final/ is the merged model: its norms are the base's in bf16, and its logits follow the
+    # adapter model's far more closely than the base's do (bf16 rounding of W + s*B@A apart)
+    before, after = _weights(tiny_qwen), _weights(straight / "final")
+    norm = "model.norm.weight"
+    assert torch.equal(after[norm].float(), before[norm].bfloat16().float())
+
+    def logits(model):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.eval()(IDS).logits.float()
+
+    in_memory = logits(trainer.model)
+    merged = logits(AutoModelForCausalLM.from_pretrained(straight / "final"))
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_qwen))
+    assert (merged - in_memory).abs().max() < 0.1 * (base - in_memory).abs().max()
+
+    # the planner counts it so: 2 B for each frozen parameter under bf16, 4 B in fp32
+    from qwen_cpt.planner import estimate_memory
+    from qwen_cpt.planner.memory import LeanMode
+    from qwen_cpt.planner.shapes import count_params
+
+    from .test_optimizer_states import QWEN_7B
+
+    p = count_params(QWEN_7B)
+    lean = LeanMode(lora_r=16, lora_modules=("all-linear",), train_embeddings=True)
+    est = {
+        bf16: estimate_memory(QWEN_7B, micro_batch=1, seq_len=2048, device="cuda", bf16=bf16,
+                              lean=lean).components["weights"]
+        for bf16 in (True, False)
+    }  # fmt: skip
+    assert est[False] - est[True] == pytest.approx(2.0 * (p.total - p.embedding - p.lm_head))
