@@ -150,8 +150,7 @@ class CPTConfig:
     # --- lean modes: LoRA / DoRA and freeze-tuning (one GPU) --------------------------------------
     use_lora: bool = _f(
         False,
-        "Train LoRA adapters (PEFT) instead of the full weights: the base stays frozen (in bf16 "
-        "under bf16 autocast, else fp32), "
+        "Train LoRA adapters (PEFT) instead of the full weights: the base stays frozen in fp32, "
         "checkpoints hold only what trains, and final/ holds the merged model plus adapter/.",
     )
     lora_r: int = _f(64, "LoRA rank.")

@@ -77,21 +77,6 @@ def check_world(cfg, world) -> None:
         )
 
 
-def frozen_base_dtype(cfg, runtime) -> torch.dtype:
-    """The dtype the model is loaded in: with LoRA under bf16 autocast (a GPU, or a CPU with
-    native bf16), bf16: the frozen base is only ever used in bf16 matmuls there, so fp32 would
-    hold 2 B/param more for nothing (half of a 7B's LoRA memory). What trains (adapters,
-    embeddings and head) is cast back to fp32 master weights by :func:`apply_lean_mode`.
-    Otherwise fp32 (QLoRA: its tables and norms)."""
-    if (
-        getattr(cfg, "use_lora", False)
-        and not getattr(cfg, "use_qlora", False)
-        and runtime.autocast_dtype == torch.bfloat16
-    ):
-        return torch.bfloat16
-    return torch.float32
-
-
 def apply_lean_mode(model, cfg):
     """Freeze what does not train and add the adapters; return the same (HF) model object."""
     mode = lean_mode(cfg)
@@ -104,10 +89,6 @@ def apply_lean_mode(model, cfg):
     if cfg.lora_train_embeddings:
         for p in _table_params(model):
             p.requires_grad_(True)
-    low = {p.dtype for p in model.parameters() if not p.requires_grad} - {torch.float32}
-    for p in model.parameters():  # fp32 master weights for what trains (a bf16 base's tables)
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
     trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
     total = sum(_numel(p) for p in {id(p): p for p in model.parameters()}.values())
     name = {"lora": "LoRA", "dora": "DoRA", "freeze": "freeze-tuning"}[mode]
@@ -119,10 +100,6 @@ def apply_lean_mode(model, cfg):
         f"{sum(trainable.values()):,}", f"{total:,}", 100 * sum(trainable.values()) / total,
         ", embeddings and head included" if cfg.lora_train_embeddings else "",
     )  # fmt: skip
-    if torch.bfloat16 in low and not getattr(cfg, "use_qlora", False):
-        log.info(
-            "%s: the frozen base is held in bf16 (the autocast dtype), what trains in fp32", name
-        )
     return model
 
 

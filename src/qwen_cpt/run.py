@@ -24,7 +24,7 @@ from .config import ConfigError, CPTConfig
 from .distributed import World
 from .evaluate import Evaluator, ForgettingAlarm
 from .kernels import enable_liger
-from .lean import apply_lean_mode, check_world, frozen_base_dtype
+from .lean import apply_lean_mode, check_world
 from .loss import lm_loss_sum, supports_chunked_loss
 from .model import (
     ModelLoadError,
@@ -138,8 +138,7 @@ def build_run(
     cpu = dataclasses.replace(runtime, device=torch.device("cpu"))
     model = world.load_model(  # sharded: rank 0 reads the weights, the others build on meta
         lambda: load_model(cfg.model_name_or_path, cpu if world.sharded else runtime,
-                           cfg.trust_remote_code,
-                           "auto" if world.sharded else frozen_base_dtype(cfg, runtime),
+                           cfg.trust_remote_code, "auto" if world.sharded else torch.float32,
                            quantize_4bit=cfg.use_qlora),
         lambda: build_model_skeleton(cfg.model_name_or_path, runtime, cfg.trust_remote_code),
         f"loading {cfg.model_name_or_path}", ModelLoadError,

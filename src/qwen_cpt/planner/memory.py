@@ -550,13 +550,10 @@ def _lean_memory(
         step_temp = BF16_SLICE_BYTES * min(BF16_SLICE, largest_adamw)
     if optimizer == "muon":
         step_temp += _muon_temp_bytes(optimizer_states) * largest_trained
-    # LoRA under bf16 autocast loads the frozen base in bf16 (lean.frozen_base_dtype): no cast
-    # copy of a frozen matrix, and 2 B for each frozen parameter
-    bf16_base = bool(lean.lora_r) and not lean.quantized and bf16
     copies = 0.0
     if bf16 and cuda:  # cached copies of trained matmul weights, one transient frozen one
         trained_matmul = matrices + (table if lean.train_embeddings else 0)
-        copies = 2.0 * (trained_matmul + (0 if bf16_base else p.largest_matrix))
+        copies = 2.0 * (trained_matmul + p.largest_matrix)
     elif lean.quantized:  # a 4-bit layer's weight, dequantized for its matmul
         copies = 4.0 * p.largest_matrix
     if lean.freeze_layers and not lean.train_embeddings:
@@ -567,9 +564,6 @@ def _lean_memory(
     if chunked_loss and not lean.train_embeddings:  # no fp32 gradient of the head
         logits -= (6.0 if bf16 else 4.0) * shape.vocab_size * shape.hidden_size
     base = 4.0 * p.total
-    if bf16_base:  # the tables stay fp32 when they train
-        tables_fp32 = (p.embedding + p.lm_head) if lean.train_embeddings else 0
-        base = 2.0 * (p.total - tables_fp32) + 4.0 * tables_fp32
     if lean.quantized:  # every decoder linear layer in 4 bits, the rest (tables, norms) fp32
         base -= (4.0 - NF4_BYTES) * p.matrices
     components = {
@@ -596,8 +590,6 @@ def _lean_memory(
             f"4-bit NF4 decoder matrices ({NF4_BYTES:.2f} B/param), fp32 tables, norms and "
             f"adapters ({what})"
             if lean.quantized
-            else f"bf16 frozen base (2 B/param), fp32 adapters and trained tables ({what})"
-            if bf16_base
             else f"fp32 weights, 4 B/param, frozen base and adapters ({what})"
         ),
         "grads": f"fp32 gradients of the {trainable:,} trained parameters",
@@ -622,8 +614,7 @@ def _lean_memory(
             else adamw_impl
         )
         + ("; Newton-Schulz on the largest trained matrix" if optimizer == "muon" else ""),
-        "weight_copies": "bf16 copies of trained matmul weights"
-        + ("" if bf16_base else " + one frozen matrix")
+        "weight_copies": "bf16 copies of trained matmul weights + one frozen matrix"
         if copies and cuda
         else "one 4-bit matrix dequantized to fp32 for its matmul"
         if copies
