@@ -14,6 +14,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .bf16_states import _seed, evaluate_closure, keep_dtype, stochastic_round_
+
 
 class DistributedError(RuntimeError):
     """The distributed setup cannot work as configured; the message says why."""
@@ -117,14 +119,10 @@ class DistributedMuon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         if self.momentum_dtype is not None:
-            from .bf16_states import keep_dtype
-
             keep_dtype(self, ("momentum_buffer",), self.momentum_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
-        from .bf16_states import evaluate_closure
-
         loss = evaluate_closure(closure)
         index = 0
         for group in self.param_groups:
@@ -157,8 +155,6 @@ class DistributedMuon(torch.optim.Optimizer):
         if buf.dtype == grad.dtype:
             buf.lerp_(grad, 1 - momentum)
         else:  # bf16 momentum: update in fp32, store rounded stochastically
-            from .bf16_states import _seed, stochastic_round_
-
             state["step"] = state.get("step", torch.tensor(0.0)) + 1
             gen = torch.Generator(device=buf.device)
             gen.manual_seed(_seed(self.seed, int(state["step"].item()), index))

@@ -3,8 +3,8 @@ start-up from the model's shape and the memory estimate (:mod:`.memory`), before
 loaded (QLoRA quantizes while loading, and CPU offload shapes the process group).
 
 The candidates, most faithful to full training first, are those ``qwen-cpt plan`` lists
-(:func:`lean_modes`, which `qwen-cpt plan` prints): full training as configured; CPU offload (on a GPU only: on a
-CPU, device and host are one memory); bf16, then 8-bit optimizer states; freeze-tuning of the
+(:func:`lean_modes`): full training as configured; CPU offload (on a GPU only: on a CPU, device
+and host are one memory); bf16, then 8-bit optimizer states; freeze-tuning of the
 most layers that fit; LoRA with the embeddings and head trained, then adapters only; QLoRA the
 same two ways. Under torchrun (several processes) the lean modes are refused, so only full
 training and CPU offload are candidates.
@@ -119,8 +119,6 @@ def lean_modes(
     the lean modes do not run under torchrun in this version. ``every``: all of them, each
     with ``fits`` (else only those that fit); ``device``: "cuda" or "cpu".
     """
-    import dataclasses
-
     limit = USABLE_FRACTION * capacity
     base = dataclasses.replace(  # each candidate is a plain (manual) config of its own
         cfg,
