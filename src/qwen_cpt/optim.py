@@ -214,9 +214,9 @@ def build_optimizers(model, cfg, sharded: bool = False, ns_device=None) -> Optim
 # what benchmarks/muon_measured.py found (BENCHMARKS.md, "Muon vs AdamW again"): said once
 # when Muon continues a model that qwen-cpt did not train with Muon
 MUON_ON_ADAMW_MODEL = (
-    "optimizer: Muon on a model not trained with Muon: in our CPU measurement (3 seeds) full CPT "
-    "with Muon learned the domain no better than AdamW and forgot more; LoRA-Muon was slightly "
-    "better (BENCHMARKS.md)"
+    "optimizer: Muon on a model qwen-cpt did not train with Muon: if it was pretrained with AdamW, "
+    "in our CPU measurement (3 seeds) full CPT with Muon learned the domain no better than AdamW "
+    "and forgot more, LoRA-Muon slightly better (from scratch Muon won; BENCHMARKS.md)"
 )
 
 
