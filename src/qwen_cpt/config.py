@@ -299,6 +299,20 @@ class CPTConfig:
         "until then). None: the last one only, unless the memory estimate of qwen-cpt plan "
         "says that would not fit the GPU (logged). Always every one with fsdp_cpu_offload.",
     )
+    dp_shard: int | Literal["auto"] = _f(
+        "auto",
+        "Under torchrun: how many ranks share one copy of the model, each holding 1/dp_shard "
+        "of the weights, gradients and optimizer state (FSDP2). The others hold replicas "
+        "(HSDP: dp_replicate x dp_shard ranks, gradients all-reduced across replicas). auto: "
+        "one node's ranks (torchrun's LOCAL_WORLD_SIZE) on several nodes when the model's "
+        "memory estimate fits a node, otherwise every rank (plain FSDP).",
+    )
+    dp_replicate: int | Literal["auto"] = _f(
+        "auto",
+        "Under torchrun: the number of model replicas (HSDP's replicate dimension, across "
+        "nodes). auto: the world size / dp_shard. Set one or both; their product must be the "
+        "number of processes.",
+    )
     distributed_timeout_minutes: float = _f(
         30.0,
         "Under torchrun: how long a collective may wait for the other ranks before the run "
@@ -389,6 +403,9 @@ class CPTConfig:
             self.peak_tflops is None or (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)),
             f"peak_tflops: must be > 0 or None, got {self.peak_tflops}",
         )
+        for name in ("dp_shard", "dp_replicate"):
+            v = getattr(self, name)
+            need(v == AUTO or v >= 1, f"{name}: must be >= 1 or auto, got {v}")
         need(
             self.distributed_timeout_minutes > 0,
             f"distributed_timeout_minutes: must be > 0, got {self.distributed_timeout_minutes}",

@@ -9,7 +9,10 @@ The trainer has one loop for one process and for many. Everything that differs l
   ones, gloo alone on a CPU) with ``distributed_timeout_minutes``, so a collective that hangs
   fails with an error; FSDP2 ``fully_shard`` per decoder layer, then a root unit that holds the
   embeddings, final norm and LM head together with the loss (:class:`LossModule`), so the chunked
-  loss runs inside the root's forward. On CUDA with ``use_bf16`` parameters compute in bf16 and
+  loss runs inside the root's forward. The mesh is 1-D (FSDP over every rank) or, with
+  ``dp_replicate x dp_shard`` (auto on several nodes: shard within a node), 2-D: HSDP, each
+  group of ``dp_shard`` consecutive ranks holds one sharded copy, and gradients are
+  reduce-scattered inside it and all-reduced across the copies. On CUDA with ``use_bf16`` parameters compute in bf16 and
   gradients reduce in fp32 (``MixedPrecisionPolicy``); ``fsdp_cpu_offload`` keeps parameters,
   gradients and optimizer state in CPU memory (``CPUOffloadPolicy``). Muon is
   :class:`qwen_cpt.muon.DistributedMuon`, which orthogonalizes every matrix whole.
@@ -34,7 +37,9 @@ from .muon import DistributedError
 
 log = logging.getLogger("qwen_cpt")
 
-__all__ = ["DistributedError", "LossModule", "World", "decoder_layers", "launched_world_size"]
+__all__ = [
+    "DistributedError", "LossModule", "World", "decoder_layers", "launched_world_size", "mesh_shape",
+]  # fmt: skip
 
 
 def launched_world_size() -> int:
@@ -80,6 +85,8 @@ class World:
     sharded: bool = False  # FSDP2 shards and a process group
     cpu_offload: bool = False
     owns_group: bool = False  # this object created the process group, so it destroys it
+    replicate: int = 1  # HSDP: model replicas (the outer mesh dimension, across nodes)
+    shard: int = 1  # ranks that share one copy of the model (FSDP2's shard dimension)
     _root: torch.nn.Module | None = None
 
     # --- start-up --------------------------------------------------------------------------------
@@ -122,7 +129,8 @@ class World:
             )
         if rank != dist.get_rank():
             raise DistributedError(f"RANK={rank} but the process group says rank {dist.get_rank()}")
-        return cls(dist.get_rank(), dist.get_world_size(), device, True, cpu_offload, owns)
+        size = dist.get_world_size()
+        return cls(dist.get_rank(), size, device, True, cpu_offload, owns, replicate=1, shard=size)
 
     def describe(self) -> str:
         if not self.sharded:
@@ -135,6 +143,21 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def set_mesh(self, replicate: int, shard: int) -> None:
+        """HSDP's ``replicate x shard`` layout (from :func:`mesh_shape`); the default, set
+        at start-up, shards over every rank."""
+        if replicate * shard != self.size:
+            raise DistributedError(f"a {replicate} x {shard} mesh needs {replicate * shard} ranks")
+        self.replicate, self.shard = replicate, shard
+
+    def describe_mesh(self) -> str:
+        if self.replicate == 1:
+            return f"FSDP2 over all {self.size} ranks"
+        return (
+            f"HSDP: {self.replicate} replicas (dp_replicate) x {self.shard} shards (dp_shard); "
+            "gradients reduce-scattered within a replica group and all-reduced across them"
+        )
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -226,7 +249,13 @@ class World:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         full = model.state_dict() if self.is_main else {}  # rank 0's weights, to broadcast
-        mesh = init_device_mesh(self.device.type, (self.size,))
+        if self.replicate > 1:  # ranks r*shard .. r*shard+shard-1 (one node's) share a copy
+            mesh = init_device_mesh(
+                self.device.type, (self.replicate, self.shard),
+                mesh_dim_names=("dp_replicate", "dp_shard"),
+            )  # fmt: skip
+        else:
+            mesh = init_device_mesh(self.device.type, (self.size,), mesh_dim_names=("dp_shard",))
         kwargs: dict = {"mesh": mesh}
         if bf16_params:
             kwargs["mp_policy"] = MixedPrecisionPolicy(
@@ -298,6 +327,39 @@ class World:
     def eval_share(self, items: list) -> list:
         """This rank's share of an evaluation set (every ``size``-th item)."""
         return items[self.rank :: self.size]
+
+
+def mesh_shape(
+    size: int, replicate: int | str, shard: int | str, per_node: int, fits_node=None
+) -> tuple[int, int, str]:
+    """``(dp_replicate, dp_shard, why)`` for ``size`` ranks from the config's two fields
+    (ints or ``"auto"``); ``per_node``: torchrun's ``LOCAL_WORLD_SIZE``; ``fits_node(n)``:
+    whether the model's training state fits sharded over ``n`` ranks (None: assume it does).
+    Raises :class:`ValueError` naming the field when the numbers do not divide."""
+    auto_r, auto_s = replicate == "auto", shard == "auto"
+    if not auto_s and size % shard:
+        raise ValueError(f"dp_shard: {shard} does not divide the {size} processes")
+    if not auto_r and size % replicate:
+        raise ValueError(f"dp_replicate: {replicate} does not divide the {size} processes")
+    if not (auto_r or auto_s):
+        if replicate * shard != size:
+            raise ValueError(
+                f"dp_replicate x dp_shard = {replicate} x {shard} = {replicate * shard}, but "
+                f"there are {size} processes"
+            )
+        return replicate, shard, "config"
+    if not auto_s:
+        return size // shard, shard, "config"
+    if not auto_r:
+        return replicate, size // replicate, "config"
+    if 1 < per_node < size and size % per_node == 0:
+        if fits_node is None or fits_node(per_node):
+            return size // per_node, per_node, (
+                f"auto: {size // per_node} nodes of {per_node}; shard within a node, "
+                "replicate across"
+            )  # fmt: skip
+        return 1, size, f"auto: the model does not fit sharded over one node's {per_node} ranks"
+    return 1, size, "auto: one node"
 
 
 def _free_port() -> int:

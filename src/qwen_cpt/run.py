@@ -21,7 +21,7 @@ from . import resume
 from .autotune import choose_kernels
 from .checkpoint import CheckpointManager
 from .config import ConfigError, CPTConfig
-from .distributed import World
+from .distributed import World, mesh_shape
 from .evaluate import Evaluator, ForgettingAlarm
 from .kernels import enable_liger
 from .lean import apply_lean_mode, check_world
@@ -168,6 +168,7 @@ def build_run(
         lm_loss_sum, chunked=chunked, chunk_size=cfg.loss_chunk_size,
         fused_ce=fused_ce if chunked else None,
     )  # fmt: skip
+    _choose_mesh(cfg, model, world, runtime)
     sync_every = _choose_gradient_sync(cfg, model, world, runtime)
     bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype is not None
     loss_module = world.parallelize(model, loss_fn, bf16_params=bf16)
@@ -268,6 +269,29 @@ def choose_training_mode(cfg: CPTConfig, device: torch.device, out: Path) -> Non
     cfg.validate()
 
 
+def _choose_mesh(cfg: CPTConfig, model, world: World, runtime) -> None:
+    """Sharded over several ranks: HSDP's ``dp_replicate x dp_shard`` (see ``dp_shard``)."""
+    if world.size == 1:
+        return
+    fits = None
+    memory = cfg.device_memory_gb or _device_memory_gb(runtime.device)
+    if runtime.device.type == "cuda" and memory:
+        from .planner import fits_sharded
+
+        def fits(n: int) -> bool:
+            return world.on_main(lambda: fits_sharded(cfg, model, n, memory))
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world.size)))
+    try:
+        replicate, shard, why = mesh_shape(
+            world.size, cfg.dp_replicate, cfg.dp_shard, per_node, fits
+        )
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    world.set_mesh(replicate, shard)
+    log.info("mesh: %s (%s)", world.describe_mesh(), why)
+
+
 def _choose_gradient_sync(cfg: CPTConfig, model, world: World, runtime) -> bool:
     """Sharded: True reduce-scatters after every micro-batch, False on the last one only."""
     if not world.sharded or cfg.gradient_accumulation_steps == 1:
@@ -283,7 +307,7 @@ def _choose_gradient_sync(cfg: CPTConfig, model, world: World, runtime) -> bool:
         from .planner import sync_every_micro_batch
 
         memory = _device_memory_gb(runtime.device)
-        sync, why = world.on_main(lambda: sync_every_micro_batch(cfg, model, world.size, memory))
+        sync, why = world.on_main(lambda: sync_every_micro_batch(cfg, model, world.shard, memory))
     log.info("gradients: reduce-scattered %s", why)
     return sync
 
@@ -337,7 +361,9 @@ def _device_memory_gb(device: torch.device) -> float | None:
 def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
     data, rt, world = run.data, run.runtime, run.world
     raw = [name for name, s in data.streams.items() if isinstance(s, D.BlockStream)]
-    if world.size > 1 and raw:
+    if world.size > 1 and data.reads_by_offset:
+        log.info("data: prepared caches; each of the %d ranks reads only its own blocks", world.size)
+    elif world.size > 1 and raw:
         log.info(
             "data: each of the %d ranks reads the whole stream and keeps its slice, so %s is "
             "tokenized on every rank; `qwen-cpt prepare` tokenizes it once into a cache",

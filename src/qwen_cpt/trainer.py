@@ -289,14 +289,34 @@ class CPTTrainer:
         larger batch.
         """
         bs, accum = self.config.per_device_train_batch_size, self.config.gradient_accumulation_steps
+        world, data = run.world, run.data
+        if world.size > 1 and data.reads_by_offset:
+            yield from self._own_blocks(run, bs, accum)
+            return
         for _ in range(self.state.step, run.total):
             group, n_loss, n_all = [], 0, 0
             for _ in range(accum):
-                micro = D.collate([run.data.next_block() for _ in range(bs * run.world.size)])
+                micro = D.collate([data.next_block() for _ in range(bs * world.size)])
                 n_loss += D.count_loss_tokens(micro)
                 n_all += micro["input_ids"].numel()
-                group.append(run.world.this_ranks_part(micro, bs))
+                group.append(world.this_ranks_part(micro, bs))
             yield group, n_loss, n_all
+
+    def _own_blocks(self, run: Run, bs: int, accum: int) -> Iterator[tuple[list[dict], int, int]]:
+        """:meth:`_step_batches` on prepared caches: every rank steps through the same global
+        order but reads only its own rows, so reading does not grow with the number of ranks;
+        the step's loss tokens are summed over ranks (one small host collective per step)."""
+        world, data = run.world, run.data
+        lo, hi = world.rank * bs, (world.rank + 1) * bs
+        for _ in range(self.state.step, run.total):
+            group, n_loss = [], 0
+            for _ in range(accum):
+                blocks = [data.next_block(build=lo <= j < hi) for j in range(bs * world.size)]
+                micro = D.collate(blocks[lo:hi])
+                n_loss += D.count_loss_tokens(micro)
+                group.append(micro)
+            n_all = accum * bs * world.size * self.config.max_length
+            yield group, int(world.sum([float(n_loss)])[0]), n_all
 
     # --- evaluate, save, log --------------------------------------------------------------------
     def _parts(self, run: Run, trackers=None) -> dict:

@@ -255,11 +255,20 @@ class CacheStream:
         return Block(ids.tolist(), pos.tolist(), labels.tolist(), self.name)
 
     def next_block(self) -> Block:
+        return self.block(self._advance())
+
+    def skip_block(self) -> int:
+        """Step past the next block without reading it (another rank trains on it); its length
+        in tokens (every block of a cache is ``max_length`` long, padded at a shard's end)."""
+        self._advance()
+        return self.max_length
+
+    def _advance(self) -> int:
         if self.index >= len(self._perm()):
             self.epoch, self.index = self.epoch + 1, 0
         g = int(self._perm()[self.index])
         self.index += 1
-        return self.block(g)
+        return g
 
     @property
     def state(self):

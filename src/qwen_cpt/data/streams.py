@@ -203,13 +203,24 @@ class Mixture:
         self.shares = {k: w / total for k, w in self.weights.items()}
         self.taken = {k: self.taken.get(k, 0) for k in self.streams}
 
-    def next_block(self) -> Block:
+    def next_block(self, build: bool = True) -> Block | None:
+        """The next block of the mixture; with ``build=False`` (a block another rank trains
+        on) a prepared cache steps past it without reading it, and None is returned."""
         total = sum(self.taken.values())
         # the source furthest behind its share of the tokens taken so far (ties: listed first)
         name = max(self.streams, key=lambda k: self.shares[k] * (total + 1) - self.taken[k])
-        block = self.streams[name].next_block()
+        stream = self.streams[name]
+        if not build and hasattr(stream, "skip_block"):
+            self.taken[name] += stream.skip_block()
+            return None
+        block = stream.next_block()
         self.taken[name] += len(block.input_ids)
-        return block
+        return block if build else None
+
+    @property
+    def reads_by_offset(self) -> bool:
+        """Every source is a prepared cache: a rank can skip the blocks other ranks train on."""
+        return all(hasattr(s, "skip_block") for s in self.streams.values())
 
     def achieved_shares(self) -> dict[str, float]:
         total = max(1, sum(self.taken.values()))

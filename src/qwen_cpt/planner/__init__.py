@@ -16,7 +16,13 @@ Modules, each citing its sources:
 - :mod:`.base`: the error type and small helpers they share.
 """
 
-from .auto import AUTO_FIELDS, CPU_RSS_FACTOR, resolve_auto, sync_every_micro_batch
+from .auto import (
+    AUTO_FIELDS,
+    CPU_RSS_FACTOR,
+    fits_sharded,
+    resolve_auto,
+    sync_every_micro_batch,
+)
 from .base import AUTO, GiB, PlannerError
 from .cli import add_plan_parser, run_plan
 from .flops import deepseek_flops_per_token, flops_per_token
@@ -48,6 +54,7 @@ from .shapes import QWEN25_SHAPES, ModelShape, ParamCounts, count_params, load_s
 __all__ = [
     "AUTO",
     "AUTO_FIELDS",
+    "fits_sharded",
     "BYTES_PER_TOKEN_ESTIMATE",
     "CPU_RSS_FACTOR",
     "CUDA_OVERHEAD_BYTES",

@@ -158,6 +158,19 @@ def sync_every_micro_batch(
     )
 
 
+def fits_sharded(cfg, model, shard: int, device_memory_gb: float) -> bool:
+    """Whether a training step's estimated peak fits the device with the model's weights,
+    gradients and optimizer state sharded over ``shard`` ranks (HSDP's ``dp_shard``)."""
+    config = getattr(model, "config", model)
+    shape = ModelShape.from_config(config)
+    capacity = device_memory_gb * GiB
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    micro, accum = (1 if micro == AUTO else micro), (1 if accum == AUTO else accum)  # the least
+    view = _ConfigView(cfg, fsdp_sync_every_micro_batch=True)
+    peak = _memory_for(view, shape, _counts_of(model, shape), micro, shard, "cuda", capacity, accum)
+    return peak.peak <= USABLE_FRACTION * capacity
+
+
 def _counts_of(model, shape: ModelShape) -> ParamCounts:
     """Counts from a real module where one is given (exact for any architecture)."""
     from_shape = count_params(shape)

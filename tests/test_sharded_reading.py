@@ -1,0 +1,111 @@
+"""Reading by rank: on prepared caches each rank builds only the blocks it trains on.
+
+The reference is the one-process draw: the same global order, each rank's rows of every global
+micro-batch, and the same loss-token count per step. The ranks run the trainer's own
+``_step_batches`` in two threads, joined by a two-party stand-in for the process group's sum.
+"""
+
+import json
+import threading
+from types import SimpleNamespace
+
+import torch
+
+from qwen_cpt import CPTConfig, CPTTrainer
+from qwen_cpt import data as D
+
+from .conftest import SAMPLE_TEXTS
+
+
+class _ThreadWorld:
+    """Rank ``rank`` of ``size`` threads: ``sum`` adds the values every thread passes."""
+
+    def __init__(self, rank: int, size: int, shared: dict):
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def sum(self, values):
+        box, barrier = self.shared["box"], self.shared["barrier"]
+        box[self.rank] = values
+        barrier.wait()
+        out = [sum(v[i] for v in box.values()) for i in range(len(values))]
+        barrier.wait()  # everyone has read before the next step writes
+        return out
+
+    def this_ranks_part(self, micro, per_rank):
+        lo = self.rank * per_rank
+        return {k: v[lo : lo + per_rank] for k, v in micro.items()}
+
+
+def _mixture(caches, eos, counter=None):
+    streams = {}
+    for name, path in caches.items():
+        stream = D.CacheStream(name, D.CacheSource(path), eos, 24, seed=3)
+        if counter is not None:
+            real = stream.block
+
+            def block(g, real=real, name=name):
+                counter[name] = counter.get(name, 0) + 1
+                return real(g)
+
+            stream.block = block
+        streams[name] = stream
+    return D.Mixture(streams, {"code": 3.0, "general": 1.0})
+
+
+def test_each_rank_reads_only_its_rows_of_a_prepared_cache(tmp_path, tokenizer, tiny_qwen):
+    caches = {}
+    for name, texts in (("code", SAMPLE_TEXTS), ("general", SAMPLE_TEXTS[::-1])):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": t + f" {name}"}) + "\n" for t in texts))
+        D.prepare([str(src)], tmp_path / name, tokenizer, None)
+        caches[name] = tmp_path / name
+    eos, world, steps = tokenizer.eos_token_id, 2, 6  # 6 x 8 blocks: several epochs
+    cfg = CPTConfig(model_name_or_path=tiny_qwen, max_length=24, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2)  # fmt: skip
+
+    # one process draws every global micro-batch of world x 2 blocks
+    ref_counter: dict = {}
+    ref = CPTTrainer(CPTConfig(model_name_or_path=tiny_qwen, max_length=24,
+                               per_device_train_batch_size=2 * world, gradient_accumulation_steps=2))  # fmt: skip
+    one = SimpleNamespace(world=_ThreadWorld(0, 1, {}), data=_mixture(caches, eos, ref_counter))
+    one.total = steps
+    reference = list(ref._step_batches(one))
+    assert len(reference) == steps
+
+    shared = {"box": {}, "barrier": threading.Barrier(world)}
+    results, counters, errors = {}, {}, []
+
+    def rank_main(rank):
+        try:
+            counters[rank] = {}
+            run = SimpleNamespace(
+                world=_ThreadWorld(rank, world, shared),
+                data=_mixture(caches, eos, counters[rank]),
+                total=steps,
+            )
+            results[rank] = list(CPTTrainer(cfg)._step_batches(run))
+            results[f"state{rank}"] = run.data.state_dict()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+
+    for step, (ref_group, ref_loss, ref_all) in enumerate(reference):
+        for rank in range(world):
+            group, n_loss, n_all = results[rank][step]
+            assert (n_loss, n_all) == (ref_loss, ref_all), step  # the global step's counts
+            for micro, ref_micro in zip(group, ref_group, strict=True):
+                for key, value in micro.items():  # this rank's rows of the global micro-batch
+                    assert torch.equal(value, ref_micro[key][rank * 2 : rank * 2 + 2]), key
+    # every rank's data position is the one-process position: a resume on any world size
+    assert results["state0"] == results["state1"] == one.data.state_dict()
+    # each rank built its own half of the blocks, not all of them
+    built = {r: sum(counters[r].values()) for r in range(world)}
+    assert sum(ref_counter.values()) == steps * 2 * 2 * world
+    assert built == {0: steps * 2 * 2, 1: steps * 2 * 2}
