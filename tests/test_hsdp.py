@@ -12,25 +12,38 @@ import pytest
 from qwen_cpt import CPTTrainer
 from qwen_cpt.distributed import mesh_shape
 
-from .test_distributed import _train
+from .data_worker import count_tokenizing
+from .test_distributed import _torchrun, _train
 from .test_resume import _cfg, _losses, _write_data
+from .test_sharded_reading import DATA_WORKER, tokenized_per_rank
 
 # 4 ranks x 1 block per micro-batch = one process with 4; 2 micro-batches per step.
-KW = dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2, eval_steps=1000)
+KW = dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2, validation_split=0.0)
 
 
 @pytest.mark.parametrize("muon", [False], ids=["adamw"])
-def test_a_2x2_mesh_matches_one_process_resumes_exactly_and_reshards(tiny_qwen, tmp_path, muon):
+def test_a_2x2_mesh_matches_one_process_resumes_exactly_and_reshards(
+    tiny_qwen, tmp_path, muon, monkeypatch
+):
     data = _write_data(tmp_path)
     kw = dict(KW, use_muon_optimizer=muon)
     single = tmp_path / "single"
-    CPTTrainer(_cfg(tiny_qwen, single, data, per_device_train_batch_size=4, **kw)).train()
+    with monkeypatch.context() as patch:
+        count = count_tokenizing(patch.setattr)
+        CPTTrainer(_cfg(tiny_qwen, single, data, per_device_train_batch_size=4, **kw)).train()
     ref = _losses(single)
 
     hsdp = dict(per_device_train_batch_size=1, dp_replicate=2, dp_shard=2)
     straight = tmp_path / "straight"
-    res = _train(_cfg(tiny_qwen, straight, data, **hsdp, **kw), tmp_path, "straight", nproc=4)
+    path = tmp_path / "straight.yaml"
+    _cfg(tiny_qwen, straight, data, **hsdp, **kw).to_yaml(path)
+    res = _torchrun([DATA_WORKER, str(path)], nproc=4)  # the trainer, counting its tokenizing
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # 4 ranks tokenize what one process does, not 4 times it
+    per_rank = tokenized_per_rank(res.stdout)
+    assert sorted(per_rank) == [0, 1, 2, 3]
+    assert abs(sum(per_rank.values()) - count[0]) <= 0.1 * count[0], (per_rank, count)
+    assert max(per_rank.values()) <= 0.4 * count[0]
     assert "mesh: HSDP: 2 replicas (dp_replicate) x 2 shards (dp_shard)" in res.stderr
     assert "global batch 8 x 24 tokens" in res.stderr
     two_by_two = _losses(straight)

@@ -6,7 +6,11 @@ micro-batch, and the same loss-token count per step. The ranks run the trainer's
 """
 
 import json
+import math
+import re
+import subprocess
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -109,3 +113,44 @@ def test_each_rank_reads_only_its_rows_of_a_prepared_cache(tmp_path, tokenizer, 
     built = {r: sum(counters[r].values()) for r in range(world)}
     assert sum(ref_counter.values()) == steps * 2 * 2 * world
     assert built == {0: steps * 2 * 2, 1: steps * 2 * 2}
+
+
+DATA_WORKER = str(Path(__file__).with_name("data_worker.py"))
+
+
+def tokenized_per_rank(stdout: str) -> dict[int, int]:
+    """``{rank: characters tokenized}`` from tests/data_worker.py's lines."""
+    found = re.findall(r"TOKENIZED rank=(\d+) chars=(\d+)", stdout)
+    return {int(r): int(n) for r, n in found}
+
+
+def test_ranks_tokenize_raw_text_together(tiny_qwen, tmp_path, monkeypatch):
+    """Under torchrun each rank tokenizes its share of every batch of documents and the ranks
+    exchange the ids: the tokenizing over 2 ranks is that of one process (not twice it), and
+    the losses are one process's."""
+    from .data_worker import count_tokenizing
+    from .test_distributed import ENV, TORCHRUN
+    from .test_resume import _cfg, _losses, _write_data
+
+    data = _write_data(tmp_path)
+    kw = dict(max_steps=3, save_steps=100, validation_split=0.0)  # eval sets: every rank
+    with monkeypatch.context() as patch:
+        count = count_tokenizing(patch.setattr)
+        CPTTrainer(
+            _cfg(tiny_qwen, tmp_path / "one", data, per_device_train_batch_size=2, **kw)
+        ).train()
+    path = tmp_path / "two.yaml"
+    _cfg(tiny_qwen, tmp_path / "two", data, per_device_train_batch_size=1, **kw).to_yaml(path)
+    res = subprocess.run([*TORCHRUN, "2", DATA_WORKER, str(path)], env=ENV, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "each of the 2 ranks tokenizes 1/2 of train" in res.stderr
+    per_rank = tokenized_per_rank(res.stdout)
+    print(f"characters tokenized: one process {count[0]}, two ranks {per_rank}")
+    assert sorted(per_rank) == [0, 1]
+    assert abs(sum(per_rank.values()) - count[0]) <= 0.1 * count[0], (per_rank, count)
+    assert max(per_rank.values()) <= 0.6 * count[0]  # shared, not all on one rank
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert math.isclose(two[step], one[step], rel_tol=1e-4), (step, two, one)

@@ -159,6 +159,15 @@ class World:
             "gradients reduce-scattered within a replica group and all-reduced across them"
         )
 
+    def token_share(self):
+        """Several ranks: a :class:`qwen_cpt.data.tokenize.TokenShare` over a gloo group of
+        its own (data exchange stays on the CPU, apart from the model's collectives)."""
+        if not self.sharded or self.size == 1:
+            return None
+        from .data.tokenize import TokenShare
+
+        return TokenShare.over(dist.new_group(backend="gloo"))
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -81,13 +81,16 @@ class Run:
         return cleaned_inputs({name: s.source for name, s in self.data.streams.items()})
 
 
-def open_data(cfg: CPTConfig, train_specs, eval_specs):
+def open_data(cfg: CPTConfig, train_specs, eval_specs, share=None):
     """``(tokenizer, training mixture, eval sets, training blocks per epoch)``; the data is read
-    (and every record checked) before any model loads."""
+    (and every record checked) before any model loads. ``share``: the ranks that tokenize the
+    training data together (:class:`qwen_cpt.data.tokenize.TokenShare`)."""
     tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     tokenizer = load_tokenizer(tok_path, cfg.trust_remote_code)
     local_tok = tok_path if Path(tok_path).is_dir() else None
-    streams = {s.name: D.open_stream(s, tokenizer, cfg, local_tok, True) for s in train_specs}
+    streams = {
+        s.name: D.open_stream(s, tokenizer, cfg, local_tok, True, share) for s in train_specs
+    }
     data = D.Mixture(streams, {s.name: s.weight for s in train_specs})
     try:
         eval_sets = {
@@ -362,12 +365,15 @@ def log_setup(run: Run, cfg: CPTConfig, blocks: int) -> None:
     data, rt, world = run.data, run.runtime, run.world
     raw = [name for name, s in data.streams.items() if isinstance(s, D.BlockStream)]
     if world.size > 1 and data.reads_by_offset:
-        log.info("data: prepared caches; each of the %d ranks reads only its own blocks", world.size)
+        log.info(
+            "data: prepared caches; each of the %d ranks reads only its own blocks", world.size
+        )
     elif world.size > 1 and raw:
         log.info(
-            "data: each of the %d ranks reads the whole stream and keeps its slice, so %s is "
-            "tokenized on every rank; `qwen-cpt prepare` tokenizes it once into a cache",
-            world.size, ", ".join(raw),
+            "data: each of the %d ranks tokenizes 1/%d of %s and the ranks exchange the ids, "
+            "then each packs the whole stream and keeps its slice (a `qwen-cpt prepare` cache "
+            "is read by offset instead, each rank only its own blocks)",
+            world.size, world.size, ", ".join(raw),
         )  # fmt: skip
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world.size
     if blocks < global_batch:

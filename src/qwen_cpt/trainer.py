@@ -130,10 +130,14 @@ class CPTTrainer:
         try:
             if world.sharded:
                 log.info("distributed: %s", world.describe())
+            from .elastic import check_restart  # a torchrun restart: resume, never start over
+
+            check_restart(cfg.resume_from_checkpoint)
             world.on_main(lock.acquire)  # a second run is refused before it loads anything
             path = world.on_main(lambda: resume.find_checkpoint(cfg, out))
             seed_everything(cfg.seed)
-            self.tokenizer, data, eval_sets, blocks = open_data(cfg, train_specs, eval_specs)
+            share = world.token_share()  # the ranks tokenize the training data together
+            self.tokenizer, data, eval_sets, blocks = open_data(cfg, train_specs, eval_specs, share)
             run = build_run(cfg, world, runtime, out, self.tokenizer, data, eval_sets, blocks, path)
             self.model = run.model
             self._start(run, path)

@@ -49,6 +49,7 @@ class BlockStream:
         seed: int = 0,
         max_samples: int | None = None,
         shuffle_files: bool = True,
+        share=None,
     ):
         self.name = name
         self.source = source
@@ -58,7 +59,7 @@ class BlockStream:
         self.seed = seed
         self.max_samples = max_samples
         self.shuffle_files = shuffle_files
-        self.pool = TokenizerPool(tokenizer, num_workers, tokenizer_path)
+        self.pool = TokenizerPool(tokenizer, num_workers, tokenizer_path, share)
         self.held: HeldOut | None = None  # a validation slice this stream leaves out (or is)
         self.state = StreamState()
         self._it: Iterator[Block] | None = None
@@ -492,7 +493,11 @@ def check_cache_tokenizer(source: CacheSource, tokenizer) -> None:
         )
 
 
-def open_stream(spec: SourceSpec, tokenizer, cfg, tokenizer_path: str | None, train: bool):
+def open_stream(
+    spec: SourceSpec, tokenizer, cfg, tokenizer_path: str | None, train: bool, share=None
+):
+    """The stream of one source; ``share`` (a :class:`~.tokenize.TokenShare`): the ranks that
+    tokenize a training stream together."""
     if type(spec.source).__name__ == "CacheSource":
         check_cache_tokenizer(spec.source, tokenizer)
         return CacheStream(
@@ -518,6 +523,7 @@ def open_stream(spec: SourceSpec, tokenizer, cfg, tokenizer_path: str | None, tr
         seed=cfg.seed,
         max_samples=max_samples,
         shuffle_files=train,
+        share=share if train else None,
     )
 
 

@@ -10,6 +10,14 @@ a fresh interpreter that imports no qwen_cpt module (nor torch). ``multiprocessi
 without an ``if __name__ == "__main__":`` guard would run again in every worker. Workers talk
 over pipes, are never restarted, and a worker that fails stops the run with one
 :class:`DataError` line.
+
+**Ranks share the work.** Under torchrun every rank reads the same stream, so each would
+tokenize all of it (8 GPUs: 8 times the work). With a :class:`TokenShare`, rank ``r`` of ``n``
+tokenizes items ``r, r + n, ...`` of every batch (in its own worker processes, if any) and the
+ranks exchange the ids (one gloo all-gather per batch, ids as int32 arrays): the tokenizing over
+all ranks is that of one process, and every rank packs the very blocks one process would,
+so losses, data positions and resumes on another number of processes are unchanged. A
+failure on one rank is sent with the ids, so every rank stops with it instead of waiting.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ._worker import encode_batch, load_worker_tokenizer, read_message, write_me
 from .types import DataError, Piece
 
 __all__ = [
+    "TokenShare",
     "TokenizerPool",
     "encode_batch",
     "load_worker_tokenizer",
@@ -144,11 +153,66 @@ class _Worker:
         self.log.close()
 
 
-class TokenizerPool:
-    """Worker processes that tokenize batches; 0 workers (or no tokenizer path) is in-process."""
+class TokenShare:
+    """This rank's place among the ranks that tokenize together, and how they exchange ids:
+    ``gather(obj)`` returns every rank's ``obj``, in rank order (an all-gather)."""
 
-    def __init__(self, tokenizer, num_workers: int = 0, tokenizer_path: str | None = None):
+    def __init__(self, rank: int, size: int, gather):
+        self.rank, self.size, self._gather = rank, size, gather
+
+    @classmethod
+    def over(cls, group) -> TokenShare:
+        """Over a torch.distributed (gloo) process group."""
+        import torch.distributed as dist
+
+        size = dist.get_world_size(group)
+
+        def gather(obj):
+            out = [None] * size
+            dist.all_gather_object(out, obj, group=group)
+            return out
+
+        return cls(dist.get_rank(group), size, gather)
+
+    def exchange(self, total: int, part: list[list[int]] | None, error: BaseException | None):
+        """Every rank's ids of a batch of ``total`` items, given this rank's ``part`` (items
+        ``rank::size``), in the batch's order; raises :class:`DataError` on every rank when
+        any rank sends an ``error`` instead."""
+        import numpy as np
+
+        if error is not None:
+            payload = ("error", f"rank {self.rank}: {error}")
+        else:
+            lengths = np.fromiter((len(x) for x in part), dtype=np.int64, count=len(part))
+            flat = [t for x in part for t in x]
+            payload = ("ok", lengths, np.asarray(flat, dtype=np.int32))
+        got = self._gather(payload)
+        failed = [p[1] for p in got if p[0] == "error"]
+        if failed:
+            raise DataError(f"data: tokenizing failed on {failed[0]}")
+        out: list = [None] * total
+        for k, (_, lengths, flat) in enumerate(got):
+            ends = np.cumsum(lengths)
+            pieces = np.split(flat, ends[:-1]) if len(lengths) else []
+            out[k :: self.size] = [x.tolist() for x in pieces]
+        return out
+
+
+class TokenizerPool:
+    """Worker processes that tokenize batches; 0 workers (or no tokenizer path) is in-process.
+    With a :class:`TokenShare` of several ranks, each rank tokenizes its share of every batch.
+    ``chars``: the characters this rank (or its workers) tokenized."""
+
+    def __init__(
+        self,
+        tokenizer,
+        num_workers: int = 0,
+        tokenizer_path: str | None = None,
+        share: TokenShare | None = None,
+    ):
         self.tokenizer = tokenizer
+        self.share = share if share is not None and share.size > 1 else None
+        self.chars = 0
         self.num_workers = num_workers if tokenizer_path else 0
         self.workers: list[_Worker] = []
         self._next_id = 0
@@ -162,6 +226,7 @@ class TokenizerPool:
         return self.workers or None
 
     def _submit(self, batch: list[str]) -> tuple[int, _Worker]:
+        self.chars += sum(len(t) for t in batch)
         rid = self._next_id
         self._next_id += 1
         worker = self.workers[rid % len(self.workers)]
@@ -179,8 +244,37 @@ class TokenizerPool:
 
     def map(self, batches: Iterable[list[str]]) -> Iterator[list[list[int]]]:
         """Tokenize ``batches`` in order, with at most 2 batches per worker in flight."""
+        if self.share is None:
+            yield from self._map(batches)
+            return
+        rank, size = self.share.rank, self.share.size
+        totals: collections.deque = collections.deque()
+
+        def parts():
+            for b in batches:
+                totals.append(len(b))
+                yield b[rank::size]
+
+        mine = self._map(parts())
+        while True:
+            part, error = None, None
+            try:
+                part = next(mine)
+            except StopIteration:  # every rank reads the same batches: all end here together
+                return
+            except Exception as exc:  # noqa: BLE001 - sent to every rank, raised on all
+                error = exc
+            try:
+                yield self.share.exchange(totals.popleft() if totals else 0, part, error)
+            except DataError:
+                if error is not None:  # this rank's own error, as it would be on one process
+                    raise error from None
+                raise
+
+    def _map(self, batches: Iterable[list[str]]) -> Iterator[list[list[int]]]:
         if not self.workers:
             for b in batches:
+                self.chars += sum(len(t) for t in b)
                 yield encode_batch(self.tokenizer, b)
             return
         pending: collections.deque = collections.deque()
