@@ -13,10 +13,12 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from qwen_cpt import CPTConfig, CPTTrainer
 from qwen_cpt import data as D
+from qwen_cpt.data.tokenize import TokenShare
 
 from .conftest import SAMPLE_TEXTS
 
@@ -154,3 +156,79 @@ def test_ranks_tokenize_raw_text_together(tiny_qwen, tmp_path, monkeypatch):
     assert sorted(two) == [1, 2, 3]
     for step in one:
         assert math.isclose(two[step], one[step], rel_tol=1e-4), (step, two, one)
+
+
+def _thread_shares(size: int):
+    box, barrier = {}, threading.Barrier(size)
+
+    def make(rank):
+        def gather(obj):
+            box[rank] = obj
+            barrier.wait()
+            out = [box[r] for r in range(size)]
+            barrier.wait()
+            return out
+
+        return TokenShare(rank, size, gather)
+
+    return [make(r) for r in range(size)]
+
+
+def _run_ranks(fn, size):
+    results, threads = {}, []
+
+    def main(rank):
+        try:
+            results[rank] = ("ok", fn(rank))
+        except Exception as exc:  # noqa: BLE001 - compared below
+            results[rank] = ("error", exc)
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shared_tokenizing_gives_one_process_ids_and_shares_failures(tiny_qwen, tokenizer, workers):
+    batches = [[f"{t} {i}" for t in SAMPLE_TEXTS[: 5 + i]] for i in range(4)] + [["one"], []]
+    expected = [D.encode_batch(tokenizer, b) for b in batches]
+    shares = _thread_shares(3)
+
+    def tokenize(rank):
+        pool = D.TokenizerPool(tokenizer, workers, tiny_qwen, shares[rank])
+        try:
+            return list(pool.map(iter(batches))), pool.chars
+        finally:
+            pool.close()
+
+    results = _run_ranks(tokenize, 3)
+    assert all(kind == "ok" for kind, _ in results.values()), results
+    for rank in range(3):
+        assert results[rank][1][0] == expected  # every rank gets every id, in order
+    chars = [results[r][1][1] for r in range(3)]
+    assert sum(chars) == sum(len(t) for b in batches for t in b)
+    assert max(chars) < 0.5 * sum(chars)
+
+    # a tokenizer that fails on rank 1 only: every rank stops at that batch, none waits
+    class Failing:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def __call__(self, texts, **kw):
+            if self.rank == 1 and any("3" in t for t in texts):
+                raise RuntimeError("worker died")
+            return tokenizer(texts, **kw)
+
+    def failing(rank):
+        pool = D.TokenizerPool(Failing(rank), 0, None, shares[rank])
+        return list(pool.map(iter(batches)))
+
+    results = _run_ranks(failing, 3)
+    assert [kind for kind, _ in results.values()] == ["error"] * 3
+    assert "worker died" in str(results[1][1])
+    for rank in (0, 2):
+        assert isinstance(results[rank][1], D.DataError)
+        assert "tokenizing failed on rank 1: worker died" in str(results[rank][1])
