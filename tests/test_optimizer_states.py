@@ -79,12 +79,19 @@ def _follows_fp32_and_resumes(model, tmp_path, data, kw, states, fp32, lean):
     return resumed
 
 
+_FP32_RUNS: dict = {}  # (model, muon) -> the fp32 reference run, shared by the lean tests
+
+
 def _fp32_and_lean(model, tmp_path, muon: bool, states: str):
-    """``(data, fields, fp32 run, lean run)``: the same 8 steps with fp32 and ``states``."""
+    """``(data, fields, fp32 run, lean run)``: the same 8 steps with fp32 and ``states`` (the
+    fp32 run is trained once per model and optimizer, for the 8-bit and bf16 tests alike)."""
     data = _write_data(tmp_path)
     kw = dict(STEPS, use_muon_optimizer=muon)
-    fp32, lean = tmp_path / "fp32", tmp_path / states
-    CPTTrainer(_cfg(model, fp32, data, **kw)).train()
+    fp32, lean = _FP32_RUNS.get((model, muon)), tmp_path / states
+    if fp32 is None or not (fp32 / "checkpoint-4").is_dir():
+        fp32 = tmp_path / "fp32"
+        CPTTrainer(_cfg(model, fp32, data, **kw)).train()
+        _FP32_RUNS[(model, muon)] = fp32
     CPTTrainer(_cfg(model, lean, data, optimizer_states=states, **kw)).train()
     return data, kw, fp32, lean
 
