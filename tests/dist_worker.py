@@ -13,27 +13,57 @@ import torch
 import torch.distributed as dist
 
 
-def muon_parity() -> None:
-    """DistributedMuon on FSDP2 shards == torch.optim.Muon on the full matrices, step by step."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
+def muon_parity(*meshes: str) -> None:
+    """DistributedMuon on FSDP2 shards == torch.optim.Muon on the full matrices, step by step.
 
-    from qwen_cpt.muon import DistributedMuon
+    ``meshes``: ``1d`` (FSDP over every rank, the default), ``2x2`` (HSDP on 4 ranks:
+    placements ``(Replicate(), Shard(0))``) and ``4x1`` (4 replicas, shard groups of one);
+    each with buckets of one matrix per owner, of 4 KiB, and the default (one bucket).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    # rows that divide by the world size, that don't, and fewer rows than ranks
-    shapes = [(64, 176), (176, 64), (7, 5), (5, 7), (3, 9), (1, 8), (33, 33)]
+    out = {"world": world}
+    for name in meshes or ("1d",):
+        if name == "1d":
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+        elif name in ("2x2", "4x1"):  # HSDP; 4x1: pure replication, Newton-Schulz local
+            assert world == 4, f"{name} needs 4 processes"
+            shape = (2, 2) if name == "2x2" else (4, 1)
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard"))
+        else:
+            raise ValueError(f"mesh {name!r}: 1d, 2x2 or 4x1")
+        for bucket in (1, 4096, None) if name != "4x1" else (None,):
+            out[f"{name}/{bucket}"] = _muon_parity_on(mesh, bucket)
+        if name == "2x2":
+            out["refused"] = _muon_refuses_other_layouts(mesh)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _muon_parity_on(mesh, bucket_bytes) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from qwen_cpt.muon import DistributedMuon
+
+    # rows that divide by the shard group, that don't, fewer rows than ranks, 1-row, tall, wide
+    shapes = [(64, 176), (176, 64), (7, 5), (5, 7), (3, 9), (1, 8), (33, 33), (1, 40)]
+    shapes += [(130, 3), (2, 100), (9, 9), (96, 32), (6, 6), (40, 24)]
     torch.manual_seed(0)
     full = [torch.randn(s) for s in shapes]
     module = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in full])
-    fully_shard(module, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(module, mesh=mesh)
+    expected = (Replicate(), Shard(0)) if mesh.ndim == 2 else (Shard(0),)
+    assert all(tuple(p.placements) == expected for p in module), module[0].placements
     reference = [torch.nn.Parameter(t.clone()) for t in full]
     kw = dict(
         lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
     )
-    ours = DistributedMuon(list(module), **kw)
+    extra = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    ours = DistributedMuon(list(module), **kw, **extra)
     ref = torch.optim.Muon(reference, **kw)
     worst = 0.0
     for step in range(5):
@@ -54,9 +84,29 @@ def muon_parity() -> None:
     moved = max((p.full_tensor() - t).abs().max().item() for p, t in zip(module, full))
     assert worst <= 1e-5, f"parameters differ from torch.optim.Muon by {worst}"
     assert moved > 1e-3, "the parameters did not move"
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({"max_abs_diff": worst, "moved": moved, "world": world}))
-    dist.destroy_process_group()
+    # the worst over every rank (each replica group compared its own copy)
+    worst_t = torch.tensor([worst])
+    dist.all_reduce(worst_t, op=dist.ReduceOp.MAX)
+    return {"max_abs_diff": worst_t.item(), "moved": moved, "buckets": ours.last_buckets}
+
+
+def _muon_refuses_other_layouts(mesh) -> list[str]:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from qwen_cpt.muon import DistributedError, DistributedMuon
+
+    refused = []
+    for placements in [(Shard(0), Shard(0)), (Replicate(), Shard(1)), (Shard(0), Replicate())]:
+        t = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, placements))
+        if placements == (Shard(0), Replicate()):  # rows over the replicate dimension: fine
+            DistributedMuon([t])
+            continue
+        try:
+            DistributedMuon([t])
+        except DistributedError as e:
+            assert "sharded by rows (Shard(0)) on one mesh dimension" in str(e), e
+            refused.append(str(placements))
+    return refused
 
 
 def timeout() -> None:
@@ -154,7 +204,7 @@ def kernel_choice() -> None:
 
 if __name__ == "__main__":
     cases = {
-        "muon_parity": muon_parity,
+        "muon_parity": lambda: muon_parity(*sys.argv[2:]),
         "timeout": timeout,
         "nan_stop": nan_stop,
         "kernel_choice": kernel_choice,

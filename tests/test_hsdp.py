@@ -21,7 +21,7 @@ from .test_sharded_reading import DATA_WORKER, tokenized_per_rank
 KW = dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2, validation_split=0.0)
 
 
-@pytest.mark.parametrize("muon", [False], ids=["adamw"])
+@pytest.mark.parametrize("muon", [True], ids=["muon"])
 def test_a_2x2_mesh_matches_one_process_resumes_exactly_and_reshards(
     tiny_qwen, tmp_path, muon, monkeypatch
 ):
@@ -33,7 +33,10 @@ def test_a_2x2_mesh_matches_one_process_resumes_exactly_and_reshards(
         CPTTrainer(_cfg(tiny_qwen, single, data, per_device_train_batch_size=4, **kw)).train()
     ref = _losses(single)
 
-    hsdp = dict(per_device_train_batch_size=1, dp_replicate=2, dp_shard=2)
+    # reduce-scatter on every micro-batch, all-reduce across the replicas on the last only
+    hsdp = dict(
+        per_device_train_batch_size=1, dp_replicate=2, dp_shard=2, fsdp_sync_every_micro_batch=True
+    )
     straight = tmp_path / "straight"
     path = tmp_path / "straight.yaml"
     _cfg(tiny_qwen, straight, data, **hsdp, **kw).to_yaml(path)

@@ -298,11 +298,15 @@ class World:
         for buffer in root.buffers():  # not in the state dict: rotary inv_freq and the like
             dist.broadcast(buffer, src=0)
 
-    def set_gradient_sync(self, sync: bool) -> None:
+    def set_gradient_sync(self, sync: bool, all_reduce: bool = True) -> None:
         """Sharded: whether this backward reduce-scatters gradients (else they accumulate
-        unsharded until a backward that does). One process: nothing to do."""
+        unsharded until a backward that does); under HSDP, whether it also all-reduces them
+        across the replicas (else the reduce-scattered shards accumulate until the last
+        micro-batch, so only one all-reduce per step crosses nodes). One process: nothing."""
         if self.sharded:
             self._root.set_requires_gradient_sync(sync)
+            if sync and self.replicate > 1:
+                self._root.set_requires_all_reduce(all_reduce)
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """``clip_grad_norm_`` over (possibly sharded) parameters: the global norm, a 0-d tensor

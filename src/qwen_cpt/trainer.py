@@ -260,7 +260,8 @@ class CPTTrainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=runtime.device)
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, runtime.device)  # pinned first on CUDA: a true async copy
-            world.set_gradient_sync(run.sync_every or i == len(micro_batches) - 1)
+            last = i == len(micro_batches) - 1
+            world.set_gradient_sync(run.sync_every or last, all_reduce=last)
             with runtime.autocast:
                 loss = run.loss_module(batch)
             if loss.requires_grad:
