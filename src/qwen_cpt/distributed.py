@@ -27,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .elastic import describe_restarts, init_process_group
 from .muon import DistributedError
 
 log = logging.getLogger("qwen_cpt")
@@ -114,15 +114,9 @@ class World:
                 f"multi-process training supports cuda and cpu, not {device.type}"
             )
         owns = not dist.is_initialized()
-        if owns:
-            kwargs = {}
-            # One plain process, sharded only for FSDP2's CPU offload: a private group. Under
-            # torchrun (even one rank) the group joins the launcher's store instead: with
-            # TORCHELASTIC_USE_AGENT_STORE set, a tcp:// init only connects as a client, to a
-            # port nobody serves, and waits out the timeout (docs/design.md, "Process groups").
-            if world <= 1 and "MASTER_ADDR" not in os.environ:
-                kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+        if owns:  # a private group on one plain process; else in the launcher's store, in a
+            # namespace fresh for every torchrun restart, set-up bounded (qwen_cpt.elastic)
+            init_process_group(backend, timedelta(minutes=timeout_minutes), world, rank)
         if dist.get_world_size() != max(world, 1):
             raise DistributedError(
                 f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE is {world}"
@@ -133,11 +127,11 @@ class World:
         return cls(dist.get_rank(), size, device, True, cpu_offload, owns, replicate=1, shard=size)
 
     def describe(self) -> str:
-        if not self.sharded:
-            return f"one process on {self.device}"
+        if not self.sharded:  # describe_restarts: ", restart 1 of at most 3" under torchrun
+            return f"one process on {self.device}{describe_restarts()}"
         return (
             f"{self.size} ranks (FSDP2{', CPU offload' if self.cpu_offload else ''}), "
-            f"this is rank {self.rank} on {self.device}"
+            f"this is rank {self.rank} on {self.device}{describe_restarts()}"
         )
 
     @property
@@ -373,9 +367,3 @@ def mesh_shape(
             )  # fmt: skip
         return 1, size, f"auto: the model does not fit sharded over one node's {per_node} ranks"
     return 1, size, "auto: one node"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

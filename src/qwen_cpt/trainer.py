@@ -31,6 +31,7 @@ from .checkpoint import remove_stale_tmp, save_model_dir, write_run_files
 from .config import CPTConfig
 from .distributed import World
 from .downstream import Downstream
+from .elastic import check_restart
 from .logs import Window, log_step, memory_gb, progress, setup_logging
 from .model import resolve_runtime, set_deterministic
 from .perf import to_device
@@ -130,9 +131,7 @@ class CPTTrainer:
         try:
             if world.sharded:
                 log.info("distributed: %s", world.describe())
-            from .elastic import check_restart  # a torchrun restart: resume, never start over
-
-            check_restart(cfg.resume_from_checkpoint)
+            check_restart(cfg.resume_from_checkpoint)  # a torchrun restart: resume, not over
             world.on_main(lock.acquire)  # a second run is refused before it loads anything
             path = world.on_main(lambda: resume.find_checkpoint(cfg, out))
             seed_everything(cfg.seed)
