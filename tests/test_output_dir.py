@@ -119,6 +119,36 @@ def test_a_stale_lock_is_taken_over_on_this_host_only(tmp_path, caplog):
     assert json.loads((out / LOCK).read_text())["host"] == "elsewhere"
 
 
+def test_a_lock_of_an_earlier_start_of_the_same_torchrun_job_is_taken_over(
+    tmp_path, caplog, monkeypatch
+):
+    """After a torchrun restart rank 0 may run on another node: the lock of an earlier start
+    (a lower generation) of the same job is taken over; another job's, or this start's, not."""
+    from qwen_cpt import elastic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setattr(elastic, "_GENERATION", 5)
+    for holder in (
+        {"job": "job-2", "generation": 4},  # another job
+        {"job": "job-1", "generation": 5},  # this very start (another rank's, say)
+        {},  # no torchrun start recorded
+    ):
+        (out / LOCK).write_text(json.dumps({"pid": 1, "host": "node7", "started": "T", **holder}))
+        with pytest.raises(CheckpointError, match="is in use by pid 1 on host node7"):
+            OutputDirLock(out).acquire()
+    (out / LOCK).write_text(
+        json.dumps({"pid": 1, "host": "node7", "started": "T", "job": "job-1", "generation": 4})
+    )
+    lock = OutputDirLock(out)
+    lock.acquire()
+    assert "an earlier start of this torchrun job (generation 4, now 5)" in caplog.text
+    held = json.loads((out / LOCK).read_text())
+    assert (held["pid"], held["job"], held["generation"]) == (os.getpid(), "job-1", 5)
+    lock.release()
+
+
 def test_a_lock_is_released_when_the_run_fails(tiny_qwen, tmp_path):
     data = _write_data(tmp_path)
     out = tmp_path / "out"

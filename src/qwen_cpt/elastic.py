@@ -42,11 +42,20 @@ from .muon import DistributedError
 log = logging.getLogger("qwen_cpt")
 
 __all__ = [
-    "check_restart", "describe_restarts", "init_process_group", "max_restarts", "restart_count",
-    "setup_timeout",
+    "check_restart", "describe_restarts", "generation", "init_process_group", "max_restarts",
+    "restart_count", "setup_timeout",
 ]  # fmt: skip
 
 SETUP_TIMEOUT_S = 300.0  # the most the set-up waits for the store and the other ranks
+_GENERATION: int | None = None  # this start's generation in torchrun's store, once joined
+
+
+def generation() -> int | None:
+    """This start's generation (unique per start of the group within a torchrun job, growing
+    with every restart), or None before a group joined one (or without torchrun)."""
+    return _GENERATION
+
+
 PREFIX = "qwen_cpt"
 _POLL_S = 0.2
 
@@ -136,7 +145,9 @@ def init_process_group(
     me = f"rank {rank} of {world}"
     deadline = time.monotonic() + limit  # for the whole set-up: store, generation, group
     store = _connect(where, rank, world, limit, me)
+    global _GENERATION
     generation = _join_generation(store, rank, world, deadline, me, where, limit)
+    _GENERATION = generation
     store.set_timeout(timeout)  # what torch's own rendezvous gives the group's store
     pg_store = dist.PrefixStore(f"{PREFIX}/{generation}/pg", store)
     bounded = timedelta(seconds=max(1.0, deadline - time.monotonic()))

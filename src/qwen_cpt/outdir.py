@@ -49,6 +49,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _torchrun_start() -> dict:
+    """``{"job": torchrun's run id, "generation": this start's}`` under torchrun, else ``{}``."""
+    from .elastic import generation
+
+    job, gen = os.environ.get("TORCHELASTIC_RUN_ID"), generation()
+    return {"job": job, "generation": gen} if job and gen is not None else {}
+
+
 class OutputDirLock:
     """``output_dir/.lock`` for one run; :meth:`acquire` refuses while another run holds it."""
 
@@ -73,6 +81,7 @@ class OutputDirLock:
                 "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "token": self.token,
+                **_torchrun_start(),
             }
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(me, fh)
@@ -107,6 +116,21 @@ class OutputDirLock:
         pid, host = holder.get("pid"), holder.get("host")
         since = holder.get("started", "an unknown time")
         here = socket.gethostname()
+        mine = _torchrun_start()
+        earlier = holder.get("generation")
+        if (
+            mine and holder.get("job") == mine["job"] and isinstance(earlier, int)
+            and earlier < mine["generation"]
+        ):  # fmt: skip
+            # an earlier start of this torchrun job, whose workers torchrun stopped before it
+            # started this one (rank 0 may now run on another node)
+            log.warning(
+                "output_dir %s: taking over the lock of pid %s on host %s, an earlier start of "
+                "this torchrun job (generation %s, now %s): torchrun restarted the group",
+                self.out, pid, host, earlier, mine["generation"],
+            )  # fmt: skip
+            self.path.unlink(missing_ok=True)
+            return
         if host == here and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
             log.warning(
                 "output_dir %s: taking over the lock of pid %s on host %s (since %s), which is "
