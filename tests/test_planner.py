@@ -603,6 +603,32 @@ def test_resolve_auto_batch_from_step_law_and_memory():
     assert micro < 42 and micro * accum >= 42 and micro * (accum - 1) < 42
 
 
+def test_resolve_auto_under_hsdp_sizes_memory_by_the_shard_group():
+    """7B on 16 GPUs of 40 GiB: sharded over all 16 a micro-batch of 5 fits; as HSDP 4 x 4
+    each GPU holds a quarter of the state, not a sixteenth, and the same batch per device is
+    reached with micro-batches of 1 (the run passes ``world.shard``)."""
+    from qwen_cpt.planner.shapes import lookup_shape
+
+    cfg = CPTConfig(
+        model_name_or_path="m",
+        max_length=4096,
+        num_train_epochs=1,
+        per_device_train_batch_size="auto",
+        gradient_accumulation_steps="auto",
+    )
+    config = _qwen2_config_dict(lookup_shape("Qwen/Qwen2.5-7B"))
+
+    def batch(shard):
+        out = resolve_auto(
+            cfg, config, 10**10, world_size=16, shard_size=shard, device_memory_gb=40,
+            device="cuda",
+        )  # fmt: skip
+        return out["per_device_train_batch_size"][0], out["gradient_accumulation_steps"][0]
+
+    assert batch(16) == batch(None) == (5, 1)
+    assert batch(4) == (1, 5)
+
+
 def test_resolve_auto_with_a_loaded_model_and_fixed_micro_batch():
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config

@@ -149,6 +149,7 @@ def build_run(
     model.train()  # from_pretrained gives eval mode: the start-up probe measures training
     check_vocab(tokenizer, model, cfg.model_name_or_path)
     check_context_length(cfg, model.config)
+    _choose_mesh(cfg, model, world, runtime)  # before auto batch: memory is per dp_shard
     saved_kernels = None  # a resume reuses the kernels the run measured when it started
     if path is not None:
         resume.take_auto_fields(cfg, path)
@@ -171,7 +172,6 @@ def build_run(
         lm_loss_sum, chunked=chunked, chunk_size=cfg.loss_chunk_size,
         fused_ce=fused_ce if chunked else None,
     )  # fmt: skip
-    _choose_mesh(cfg, model, world, runtime)
     sync_every = _choose_gradient_sync(cfg, model, world, runtime)
     bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype is not None
     loss_module = world.parallelize(model, loss_fn, bf16_params=bf16)
@@ -219,7 +219,7 @@ def _resolve_auto(cfg: CPTConfig, model, world: World, runtime, blocks: int) -> 
 
     chosen = world.on_main(  # on rank 0 (which holds the real weights), for the device
         lambda: resolve_auto(
-            cfg, model, blocks * cfg.max_length, world_size=world.size,
+            cfg, model, blocks * cfg.max_length, world_size=world.size, shard_size=world.shard,
             device_memory_gb=cfg.device_memory_gb or _device_memory_gb(runtime.device),
             device=runtime.device.type,
         )

@@ -28,9 +28,17 @@ def _global_batch_tokens(cfg, micro: int, accum: int, world: int) -> int:
 
 
 def _choose_batch(
-    cfg, shape, p, n_tokens: int, world: int, device: str, capacity: float | None
+    cfg,
+    shape,
+    p,
+    n_tokens: int,
+    world: int,
+    device: str,
+    capacity: float | None,
+    shard: int | None = None,
 ) -> tuple[int, int, str]:
-    """``(micro, accum, rule)`` for the config's batch fields, resolving any ``auto``."""
+    """``(micro, accum, rule)`` for the config's batch fields, resolving any ``auto``: the
+    batch is split over ``world`` ranks, the model's memory over ``shard`` (default: all)."""
     micro_cfg, accum_cfg = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     if micro_cfg != AUTO and accum_cfg != AUTO:
         return micro_cfg, accum_cfg, "from the config"
@@ -49,7 +57,7 @@ def _choose_batch(
     per_device = max(1, min(per_device_cap, round(target / cfg.max_length / world)))
 
     def fits(m: int) -> bool:
-        est = _memory_for(cfg, shape, p, m, world, device, capacity)
+        est = _memory_for(cfg, shape, p, m, shard or world, device, capacity)
         return capacity is None or bool(est.fits)
 
     if micro_cfg == AUTO:
@@ -81,6 +89,7 @@ def resolve_auto(
     world_size: int = 1,
     device_memory_gb: float | None = None,
     device: str | None = None,
+    shard_size: int | None = None,
 ) -> dict[str, tuple[int | float, str]]:
     """Concrete values for the config fields set to ``"auto"``: ``{field: (value, rule)}``.
 
@@ -91,8 +100,10 @@ def resolve_auto(
     what the model's parameters already take (they are resident when this is called); on CPU
     the estimate must fit in 1 / ``CPU_RSS_FACTOR`` of it, for the allocator's retained heap.
     ``world_size > 1`` assumes FSDP sharding of weights, gradients and optimizer state, as
-    ``qwen-cpt plan --gpus`` does. ``device`` ("cuda" or "cpu") is the device that will train,
-    when the model is not on it yet (FSDP2 loads on the CPU first).
+    ``qwen-cpt plan --gpus`` does; under HSDP, ``shard_size`` (``dp_shard``) is how many ranks
+    share one copy of that state, while the batch is still split over all ``world_size``.
+    ``device`` ("cuda" or "cpu") is the device that will train, when the model is not on it
+    yet (FSDP2 loads on the CPU first).
 
     Order: the batch first (Step Law from D), then the learning rate, whose Step Law cap needs
     the tokens actually trained (which depends on the batch when ``max_steps`` is set).
@@ -112,7 +123,7 @@ def resolve_auto(
     cfg_view = _ConfigView(cfg, use_bf16=bf16, use_flash_attention=flash)
     out: dict[str, tuple[int | float, str]] = {}
     micro, accum, rule = _choose_batch(
-        cfg_view, shape, p, n_train_tokens, world_size, device, capacity
+        cfg_view, shape, p, n_train_tokens, world_size, device, capacity, shard_size
     )
     if device == "cpu":
         rule += f" (CPU: memory / {CPU_RSS_FACTOR:g} for the allocator's retained heap)"
