@@ -274,3 +274,34 @@ def test_out_of_host_memory_is_one_line_with_the_size_and_what_to_change(
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("qwen-cpt: error: out of host memory (an allocation of 131072.00 GiB")
     assert "per_device_train_batch_size" in line and "qwen-cpt plan" in line
+
+
+def test_a_survivor_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch):
+    """gloo's (and NCCL's) error in a collective after another rank died: one line naming this
+    rank and the cause, found also when wrapped; other errors and one process are not matched."""
+    import torch.distributed as dist
+
+    from qwen_cpt.cli import _peer_lost
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+        "closed by peer [127.0.0.1]:36745. This is typically caused by a remote worker crashing."
+    )
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _peer_lost(gloo) is None  # one process has no peers to lose
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    line = _peer_lost(gloo)
+    assert line.startswith("rank 1 lost contact with the group (Connection closed by peer ")
+    assert "pair.cc" not in line and "typically" not in line and "\n" not in line
+    try:
+        try:
+            raise gloo
+        except RuntimeError as inner:
+            raise ValueError("while saving") from inner
+    except ValueError as outer:
+        assert _peer_lost(outer) == line
+    assert "(NCCL error: remote process exited)" in _peer_lost(
+        dist.DistBackendError("NCCL error: remote process exited\nmore")
+    )
+    assert _peer_lost(RuntimeError("shape mismatch")) is None

@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if status is None and _out_of_memory(exc):
             print(f"qwen-cpt: error: {_out_of_memory(exc)}", file=sys.stderr)
             return 1
+        if status is None and _peer_lost(exc):
+            print(f"qwen-cpt: error: {_peer_lost(exc)}", file=sys.stderr)
+            return 1
         if status is None:
             raise
         print(f"qwen-cpt: error: {exc}", file=sys.stderr)
@@ -281,6 +284,40 @@ def _out_of_memory(exc: BaseException) -> str | None:
         f"out of {where} memory{size}; lower per_device_train_batch_size or max_length, set "
         "use_gradient_checkpointing: true or fsdp_cpu_offload: true, and see `qwen-cpt plan` "
         "for what fits"
+    )
+
+
+# what gloo and NCCL say in a collective when another rank of the group has died
+_PEER_LOST = re.compile(
+    r"Connection (?:closed|reset) by peer|Broken pipe|remote process exited|"
+    r"NCCL communicator was aborted|ProcessGroupNCCL.*(?:aborted|timed out)|"
+    r"Socket Timeout|Timed out waiting .*for (?:send|recv)",
+    re.I,
+)
+
+
+def _peer_lost(exc: BaseException) -> str | None:
+    """Under torchrun, one line for a collective that failed because another rank died (its
+    own log says why), instead of this survivor's traceback through FSDP or DCP."""
+    import torch.distributed as dist
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    seen = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, dist.DistError) or _PEER_LOST.search(text):
+            break
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(seen).__name__
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)  # gloo's "[.../pair.cc:553] " source tag
+    detail = detail.split(". This is typically")[0].rstrip(".")
+    return (
+        f"rank {os.environ.get('RANK', '?')} lost contact with the group ({detail}): another "
+        "rank stopped or stalled first (torchrun's lines name it); under torchrun "
+        "--max-restarts the group restarts and resumes from the newest valid checkpoint"
     )
 
 
