@@ -167,7 +167,9 @@ class DistributedMuon(torch.optim.Optimizer):
     break even only above ~16 GB/s of inter-node bandwidth per GPU, and smaller models (fewer
     FLOPs per element) need more; it would also add to the gradient all-reduce on the link
     HSDP keeps scarce, on the optimizer step's critical path. So all Muon traffic stays inside
-    a node. The replicas compute the same result from the same (all-reduced) gradients with
+    a node. On a cluster with one 400 Gb/s NIC per GPU (50 GB/s each, as in DGX H100/H200)
+    that break-even is passed and splitting would shorten the step (docs/scaling.md estimates
+    by how much); it is not built, and neither case was measured. The replicas compute the same result from the same (all-reduced) gradients with
     the same kernels. A shard dimension of size 1 (pure replication) and one process
     (unsharded parameters) orthogonalize locally, one matrix at a time.
 
